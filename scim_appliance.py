@@ -1,0 +1,2842 @@
+#!/usr/bin/env python3
+"""scim-appliance: an on-premises SCIM 2.0 server for Microsoft Entra ID.
+
+One module, read top to bottom, lower layers first:
+
+    1. Configuration      settings, limits, SCIM URNs
+    2. Errors             ScimError: the one way anything below the HTTP layer fails
+    3. Storage            SQLite schema, migrations, transactions; all SQL lives here
+    4. Credentials        bearer tokens and password digests
+    5. SCIM model         the attribute table for User, Enterprise User and Group
+    6. Filter language    RFC 7644 §3.4.2.2: parse_filter, filter_to_sql, filter_matches
+    7. PATCH engine       RFC 7644 §3.5.2 plus Entra's forms: parse_path, apply_patch (pure)
+    8. Operations         create/replace/patch/delete/query: the only place a transaction opens
+    9. SCIM HTTP          make_scim_app: thin bottle handlers, one error exit
+   10. Server and CLI     serve(), main(argv)
+
+Specifications: RFC 7643 (schema), RFC 7644 (protocol), and Microsoft's
+"Develop and plan provisioning for a SCIM endpoint in Microsoft Entra ID".
+"""
+
+import argparse
+import base64
+import contextlib
+import copy
+import dataclasses
+import datetime
+import hashlib
+import hmac
+import json
+import math
+import os
+import re
+import secrets
+import signal
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+import unicodedata
+import urllib.parse
+import uuid
+
+import bottle
+
+__version__ = "0.1.0"
+
+
+# ============================================================================
+# 1. Configuration
+# ============================================================================
+
+# Limits. Each is documented in the README and, where SCIM has a place for
+# it, published in /ServiceProviderConfig.
+MAX_BODY_BYTES = 1024 * 1024       # request bodies above this get 413
+MAX_JSON_DEPTH = 64                # nesting deeper than any SCIM document needs
+MAX_FILTER_LENGTH = 4096           # characters in a filter expression
+MAX_FILTER_DEPTH = 16              # nested parentheses / not / value paths
+MAX_FILTER_TERMS = 100             # comparisons in one filter
+DEFAULT_PAGE_SIZE = 100            # resources per page when `count` is absent
+MAX_PAGE_SIZE = 1000               # `count` above this is capped (RFC 7644 §3.4.2.4)
+MAX_OPERATIONS = 1000              # operations in one PATCH request
+TOKEN_TOUCH_SECONDS = 60           # how often a token's last_used is written
+
+URN_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
+URN_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
+URN_ENTERPRISE = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+URN_LIST = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
+URN_ERROR = "urn:ietf:params:scim:api:messages:2.0:Error"
+URN_PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+URN_SEARCH = "urn:ietf:params:scim:api:messages:2.0:SearchRequest"
+URN_SPC = "urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig"
+URN_RESOURCE_TYPE = "urn:ietf:params:scim:schemas:core:2.0:ResourceType"
+URN_SCHEMA = "urn:ietf:params:scim:schemas:core:2.0:Schema"
+
+SCIM_MEDIA_TYPE = "application/scim+json"
+ACCEPTED_MEDIA_TYPES = ("application/scim+json", "application/json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything an operator can set; each field has a flag and a variable.
+
+    The CLI table (SETTINGS_TABLE, section 10) maps each field to its
+    `--flag` and `SCIM_APPLIANCE_*` environment variable.
+    """
+
+    db: str = "scim_appliance.db"          # SQLite file; created on first start
+    host: str = "127.0.0.1"                # SCIM listener address
+    port: int = 8080                       # SCIM listener port
+    public_url: str = ""                   # e.g. https://scim.example.com; "" = http://host:port
+    threads: int = 8                       # waitress worker threads
+    max_body_bytes: int = MAX_BODY_BYTES   # larger request bodies get 413
+
+    @property
+    def base_url(self):
+        """The SCIM base URL, the Tenant URL an admin pastes into Entra."""
+        origin = self.public_url or "http://%s:%d" % (_url_host(self.host), self.port)
+        return origin.rstrip("/") + "/scim"
+
+
+def _url_host(host):
+    return "[%s]" % host if ":" in host and not host.startswith("[") else host
+
+
+def validate_public_url(value):
+    """A public URL is an absolute http(s) URL without query or fragment."""
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError("public URL must look like https://scim.example.com[/prefix]: %r" % value)
+    return value.rstrip("/")
+
+
+def utc_now():
+    """RFC 7643 §2.3.5 dateTime, UTC, millisecond precision."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (now.microsecond // 1000)
+
+
+def fold(text):
+    """Case-insensitive comparison key: Unicode case folding, NFC-normalised.
+
+    userName is caseExact false (RFC 7643 §4.1.1), and with full folding
+    "ÄNNE@x" and "änne@x" are the same name.
+    """
+    return unicodedata.normalize("NFC", text.casefold())
+
+
+# ============================================================================
+# 2. Errors
+# ============================================================================
+
+class ScimError(Exception):
+    """A failure the client is told about, as RFC 7644 §3.12 describes.
+
+    "scimType: A SCIM detail error keyword" (invalidFilter, tooMany,
+    uniqueness, mutability, invalidSyntax, invalidPath, noTarget,
+    invalidValue, invalidVers, sensitive) is only meaningful for 400 and 409.
+    """
+
+    def __init__(self, status, scim_type=None, detail=None):
+        super().__init__(detail or scim_type or str(status))
+        self.status = status
+        self.scim_type = scim_type
+        self.detail = detail
+
+    def to_json(self):
+        body = {"schemas": [URN_ERROR], "status": str(self.status)}
+        if self.scim_type:
+            body["scimType"] = self.scim_type
+        if self.detail:
+            body["detail"] = self.detail
+        return body
+
+
+def not_found(resource_type, resource_id):
+    return ScimError(404, None, "%s %s not found" % (resource_type, resource_id))
+
+
+# ============================================================================
+# 3. Storage
+# ============================================================================
+#
+# Each resource keeps its full SCIM document as JSON (so every attribute,
+# including extension URNs Entra sends through custom mappings, round-trips),
+# with plain columns for what is looked up or must be unique. Group
+# membership is its own table, so adding or removing members costs the
+# members changed, never the size of the group.
+
+MIGRATIONS = [
+    # 1: the first schema.
+    [
+        """CREATE TABLE users (
+            id TEXT PRIMARY KEY,
+            user_name TEXT NOT NULL,
+            user_name_key TEXT NOT NULL UNIQUE,   -- fold(user_name)
+            external_id TEXT,
+            display_name TEXT,
+            active INTEGER,
+            password_digest TEXT,
+            created TEXT NOT NULL,
+            last_modified TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            document TEXT NOT NULL                -- JSON, without id/meta/password/groups
+        )""",
+        "CREATE INDEX users_external_id ON users(external_id)",
+        """CREATE TABLE groups (
+            id TEXT PRIMARY KEY,
+            display_name TEXT NOT NULL,
+            display_name_key TEXT NOT NULL UNIQUE, -- fold(display_name)
+            external_id TEXT,
+            created TEXT NOT NULL,
+            last_modified TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            document TEXT NOT NULL                 -- JSON, without id/meta/members
+        )""",
+        "CREATE INDEX groups_external_id ON groups(external_id)",
+        """CREATE TABLE members (
+            group_id TEXT NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
+            member_id TEXT NOT NULL,
+            member_type TEXT NOT NULL CHECK (member_type IN ('User', 'Group')),
+            PRIMARY KEY (group_id, member_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX members_member_id ON members(member_id)",
+        """CREATE TABLE tokens (
+            name TEXT NOT NULL,
+            digest TEXT NOT NULL UNIQUE,          -- sha256 of the token; the token is never stored
+            created TEXT NOT NULL,
+            last_used TEXT,
+            revoked TEXT
+        )""",
+        "CREATE UNIQUE INDEX tokens_live_name ON tokens(name) WHERE revoked IS NULL",
+    ],
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class SqlTable:
+    """How one resource type is laid out in SQL, for the filter translator.
+
+    `columns` maps a folded SCIM attribute path to (SQL expression, folded):
+    `folded` says the column already holds fold(value), so a caseExact=false
+    comparison binds fold(value) and can use the index.
+    """
+
+    name: str
+    resource_type: str
+    columns: dict
+
+
+SQL_TABLES = {
+    "User": SqlTable("users", "User", {
+        "id": ("users.id", False),
+        "username": ("users.user_name_key", True),
+        "externalid": ("users.external_id", False),
+        "active": ("users.active", False),
+        "meta.created": ("users.created", False),
+        "meta.lastmodified": ("users.last_modified", False),
+    }),
+    "Group": SqlTable("groups", "Group", {
+        "id": ("groups.id", False),
+        "displayname": ("groups.display_name_key", True),
+        "externalid": ("groups.external_id", False),
+        "meta.created": ("groups.created", False),
+        "meta.lastmodified": ("groups.last_modified", False),
+    }),
+}
+
+
+class DatabaseError(Exception):
+    """The database cannot be used (corrupt, too new, unwritable)."""
+
+
+class Store:
+    """The SQLite database: one connection per thread, explicit transactions.
+
+    Every write is `BEGIN IMMEDIATE ... COMMIT`: the write lock is taken
+    before anything is read, so a read-modify-write never loses an update
+    made by another thread in between (design.md §2).
+    """
+
+    def __init__(self, path, synchronous="FULL"):
+        self.path = path
+        self.synchronous = synchronous
+        self._local = threading.local()
+        self._connections = []
+        self._lock = threading.Lock()
+        conn = self._connection()
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise DatabaseError("%s is not a usable SQLite database: %s" % (path, exc)) from exc
+        if mode.lower() != "wal" and path != ":memory:":
+            raise DatabaseError("cannot switch %s to WAL mode (got %s)" % (path, mode))
+        self.migrate()
+
+    def _connection(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves; Python's
+            # implicit transactions lose updates under concurrency (design.md).
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA synchronous=%s" % self.synchronous)
+            conn.create_function("scim_fold", 1, _sql_fold, deterministic=True)
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def close(self):
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def read(self):
+        """A consistent snapshot for several SELECTs (WAL: never blocks writers)."""
+        conn = self._connection()
+        conn.execute("BEGIN")
+        try:
+            yield Transaction(conn)
+        finally:
+            conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def write(self):
+        """One write transaction: committed if the block ends, rolled back if it raises."""
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield Transaction(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def migrate(self):
+        """Carry the database forward to SCHEMA_VERSION, one transaction per step.
+
+        `executescript` would commit behind our back, so statements run one
+        at a time; `PRAGMA user_version` is transactional and is bumped in the
+        migration's own transaction (design.md §2).
+        """
+        conn = self._connection()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise DatabaseError("%s has schema version %d; this scim-appliance knows up to %d"
+                                % (self.path, version, SCHEMA_VERSION))
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            with self.write() as tx:
+                for statement in MIGRATIONS[number - 1]:
+                    tx.conn.execute(statement)
+                tx.conn.execute("PRAGMA user_version=%d" % number)
+
+
+def _sql_fold(value):
+    return fold(value) if isinstance(value, str) else value
+
+
+class Transaction:
+    """The SQL for resources, members and tokens, run on one open transaction."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    # -- users and groups ---------------------------------------------------
+
+    def insert_user(self, row):
+        self._insert("users", row)
+
+    def insert_group(self, row):
+        self._insert("groups", row)
+
+    def _insert(self, table, row):
+        names = ", ".join(row)
+        marks = ", ".join("?" * len(row))
+        try:
+            self.conn.execute("INSERT INTO %s (%s) VALUES (%s)" % (table, names, marks),
+                              tuple(row.values()))
+        except sqlite3.IntegrityError as exc:
+            raise _uniqueness_error(table, exc) from exc
+
+    def update_resource(self, table, resource_id, row):
+        assignments = ", ".join("%s = ?" % name for name in row)
+        try:
+            self.conn.execute("UPDATE %s SET %s WHERE id = ?" % (table, assignments),
+                              tuple(row.values()) + (resource_id,))
+        except sqlite3.IntegrityError as exc:
+            raise _uniqueness_error(table, exc) from exc
+
+    def get_resource(self, table, resource_id):
+        cursor = self.conn.execute("SELECT * FROM %s WHERE id = ?" % table, (resource_id,))
+        return _row_dict(cursor)
+
+    def delete_resource(self, table, resource_id):
+        """Delete a user or group and every membership that names it."""
+        now = utc_now()
+        # The groups that lose a member change too: their version moves on.
+        self.conn.execute(
+            "UPDATE groups SET version = version + 1, last_modified = ? "
+            "WHERE id IN (SELECT group_id FROM members WHERE member_id = ?)", (now, resource_id))
+        self.conn.execute("DELETE FROM members WHERE member_id = ?", (resource_id,))
+        return self.conn.execute("DELETE FROM %s WHERE id = ?" % table, (resource_id,)).rowcount
+
+    def touch_resource(self, table, resource_id, now):
+        self.conn.execute("UPDATE %s SET version = version + 1, last_modified = ? WHERE id = ?"
+                          % table, (now, resource_id))
+
+    def count(self, table, where, params):
+        sql = "SELECT count(*) FROM %s WHERE %s" % (table, where)
+        return self.conn.execute(sql, params).fetchone()[0]
+
+    def select(self, table, where, params, order_by, limit, offset):
+        sql = "SELECT * FROM %s WHERE %s ORDER BY %s LIMIT ? OFFSET ?" % (table, where, order_by)
+        cursor = self.conn.execute(sql, tuple(params) + (limit, offset))
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor]
+
+    # -- members ------------------------------------------------------------
+
+    def member_types(self, member_ids):
+        """{id: 'User' | 'Group'} for those of `member_ids` that exist."""
+        found = {}
+        ids = list(member_ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for (member_id,) in self.conn.execute(
+                    "SELECT id FROM users WHERE id IN (%s)" % marks, chunk):
+                found[member_id] = "User"
+            for (member_id,) in self.conn.execute(
+                    "SELECT id FROM groups WHERE id IN (%s)" % marks, chunk):
+                found[member_id] = "Group"
+        return found
+
+    def add_members(self, group_id, typed_ids):
+        """Insert (member_id, member_type) pairs; existing members stay as they are."""
+        before = self.conn.total_changes
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO members (group_id, member_id, member_type) VALUES (?, ?, ?)",
+            [(group_id, member_id, member_type) for member_id, member_type in typed_ids])
+        return self.conn.total_changes - before
+
+    def remove_members(self, group_id, member_ids):
+        before = self.conn.total_changes
+        self.conn.executemany("DELETE FROM members WHERE group_id = ? AND member_id = ?",
+                              [(group_id, member_id) for member_id in member_ids])
+        return self.conn.total_changes - before
+
+    def remove_members_where(self, group_id, where, params):
+        """Remove the members matching a filter translated for the members table."""
+        return self.conn.execute("DELETE FROM members WHERE group_id = ? AND (%s)" % where,
+                                 (group_id,) + tuple(params)).rowcount
+
+    def clear_members(self, group_id):
+        return self.conn.execute("DELETE FROM members WHERE group_id = ?", (group_id,)).rowcount
+
+    def group_members(self, group_id):
+        """Every member of a group with its display name, in a stable order."""
+        return self.conn.execute(
+            "SELECT m.member_id, m.member_type, coalesce(u.display_name, g.display_name) "
+            "FROM members m "
+            "LEFT JOIN users u ON m.member_type = 'User' AND u.id = m.member_id "
+            "LEFT JOIN groups g ON m.member_type = 'Group' AND g.id = m.member_id "
+            "WHERE m.group_id = ? ORDER BY m.member_id", (group_id,)).fetchall()
+
+    def groups_of(self, member_ids):
+        """{member_id: [(group_id, display_name), ...]} for User.groups."""
+        result = {member_id: [] for member_id in member_ids}
+        ids = list(member_ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for member_id, group_id, display_name in self.conn.execute(
+                    "SELECT m.member_id, g.id, g.display_name FROM members m "
+                    "JOIN groups g ON g.id = m.group_id WHERE m.member_id IN (%s) "
+                    "ORDER BY g.display_name_key" % marks, chunk):
+                result[member_id].append((group_id, display_name))
+        return result
+
+    # -- tokens -------------------------------------------------------------
+
+    def insert_token(self, name, digest, created):
+        try:
+            self.conn.execute("INSERT INTO tokens (name, digest, created) VALUES (?, ?, ?)",
+                              (name, digest, created))
+        except sqlite3.IntegrityError as exc:
+            raise ValueError("a token named %r already exists" % name) from exc
+
+    def live_tokens(self):
+        """(name, digest) of every token that has not been revoked."""
+        return self.conn.execute(
+            "SELECT name, digest FROM tokens WHERE revoked IS NULL").fetchall()
+
+    def list_tokens(self):
+        return self.conn.execute(
+            "SELECT name, created, last_used, revoked FROM tokens ORDER BY created").fetchall()
+
+    def revoke_token(self, name, now):
+        return self.conn.execute("UPDATE tokens SET revoked = ? WHERE name = ? AND revoked IS NULL",
+                                 (now, name)).rowcount
+
+    def touch_token(self, digest, now):
+        self.conn.execute("UPDATE tokens SET last_used = ? WHERE digest = ?", (now, digest))
+
+
+def _row_dict(cursor):
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    return dict(zip([d[0] for d in cursor.description], row))
+
+
+def _uniqueness_error(table, exc):
+    if "user_name_key" in str(exc):
+        return ScimError(409, "uniqueness", "userName is already taken (compared case-insensitively)")
+    if "display_name_key" in str(exc):
+        return ScimError(409, "uniqueness", "a group with this displayName already exists")
+    if "PRIMARY KEY" in str(exc) or ".id" in str(exc):
+        return ScimError(409, "uniqueness", "a resource with this id already exists")
+    raise exc
+
+
+# ============================================================================
+# 4. Credentials
+# ============================================================================
+
+TOKEN_PREFIX = "scimapp_"
+
+
+def generate_token():
+    """A new bearer token: 256 bits from `secrets`, with a recognisable prefix
+    so secret scanners and admins can tell what it is."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_digest(token):
+    """What is stored for a token: its SHA-256. A 256-bit random secret needs
+    no salt or stretching; the digest is useless to whoever reads the file."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def match_token(presented, live_tokens):
+    """The name of the live token equal to `presented`, or None.
+
+    Every digest is compared with hmac.compare_digest, and the loop does not
+    stop at the first match, so the time taken says nothing about the tokens.
+    """
+    digest = token_digest(presented)
+    found = None
+    for name, stored in live_tokens:
+        if hmac.compare_digest(digest, stored):
+            found = (name, stored)
+    return found
+
+
+def password_digest(password):
+    """User.password is writeOnly (RFC 7643 §4.1.1): kept only as a salted scrypt hash."""
+    salt = secrets.token_bytes(16)
+    key = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=2 ** 14, r=8, p=1, maxmem=2 ** 26)
+    return "scrypt$16384$8$1$%s$%s" % (base64.b64encode(salt).decode(), base64.b64encode(key).decode())
+
+
+# ============================================================================
+# 5. SCIM model
+# ============================================================================
+#
+# One declarative table of attributes (RFC 7643 §2.2 characteristics) drives
+# input validation, filter and PATCH path resolution, projection and the
+# /Schemas endpoint. Nothing else describes the schema.
+
+@dataclasses.dataclass(frozen=True)
+class Attribute:
+    name: str
+    type: str = "string"            # string boolean decimal integer dateTime reference complex binary
+    multi_valued: bool = False
+    required: bool = False
+    case_exact: bool = False
+    mutability: str = "readWrite"   # readOnly readWrite immutable writeOnly
+    returned: str = "default"       # always never default request
+    uniqueness: str = "none"        # none server global
+    description: str = ""
+    sub_attributes: tuple = ()
+    canonical_values: tuple = ()
+    reference_types: tuple = ()
+
+    def sub(self, name):
+        """The sub-attribute called `name` (case-insensitive, RFC 7643 §2.1), or None."""
+        key = name.lower()
+        for attribute in self.sub_attributes:
+            if attribute.name.lower() == key:
+                return attribute
+        return None
+
+    def to_json(self):
+        """The attribute's definition as RFC 7643 §7 publishes it."""
+        body = {
+            "name": self.name, "type": self.type, "multiValued": self.multi_valued,
+            "description": self.description, "required": self.required,
+            "caseExact": self.case_exact, "mutability": self.mutability,
+            "returned": self.returned, "uniqueness": self.uniqueness,
+        }
+        if self.canonical_values:
+            body["canonicalValues"] = list(self.canonical_values)
+        if self.reference_types:
+            body["referenceTypes"] = list(self.reference_types)
+        if self.sub_attributes:
+            body["subAttributes"] = [sub.to_json() for sub in self.sub_attributes]
+        return body
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    id: str
+    name: str
+    description: str
+    attributes: tuple
+
+    def attribute(self, name):
+        key = name.lower()
+        for attribute in self.attributes:
+            if attribute.name.lower() == key:
+                return attribute
+        return None
+
+
+def _multi(name, description, types=(), value_type="string", value_required=False,
+           mutability="readWrite", extra=()):
+    """The usual shape of a multi-valued complex attribute: value, display, type, primary."""
+    return Attribute(name, "complex", multi_valued=True, description=description,
+                     mutability=mutability, sub_attributes=(
+                         Attribute("value", value_type, required=value_required,
+                                   description="The attribute's significant value."),
+                         Attribute("display", description="A human-readable name, primarily used "
+                                   "for display purposes."),
+                         Attribute("type", canonical_values=types,
+                                   description="A label indicating the attribute's function."),
+                         Attribute("primary", "boolean", description="Indicates the 'primary' or "
+                                   "preferred attribute value for this attribute."),
+                     ) + tuple(extra))
+
+
+# Attributes every resource has (RFC 7643 §3.1). `id` and `meta` are the
+# server's; `externalId` is the client's (Entra maps objectId or mailNickname).
+COMMON_ATTRIBUTES = (
+    Attribute("id", case_exact=True, mutability="readOnly", returned="always",
+              uniqueness="server", description="Unique identifier for the resource, "
+              "assigned by the service provider."),
+    Attribute("externalId", case_exact=True, description="An identifier for the resource as "
+              "defined by the provisioning client."),
+    Attribute("meta", "complex", mutability="readOnly", description="Resource metadata.",
+              sub_attributes=(
+                  Attribute("resourceType", case_exact=True, mutability="readOnly",
+                            description="The name of the resource type of the resource."),
+                  Attribute("created", "dateTime", mutability="readOnly",
+                            description="When the resource was added to the service provider."),
+                  Attribute("lastModified", "dateTime", mutability="readOnly",
+                            description="When the resource was last modified."),
+                  Attribute("location", "reference", case_exact=True, mutability="readOnly",
+                            reference_types=("uri",), description="The URI of the resource."),
+                  Attribute("version", case_exact=True, mutability="readOnly",
+                            description="The version of the resource, a weak entity tag."),
+              )),
+)
+
+USER_SCHEMA = Schema(URN_USER, "User", "User Account", (
+    Attribute("userName", required=True, uniqueness="server",
+              description="Unique identifier for the User, typically used by the user to "
+              "directly authenticate to the service provider. Compared case-insensitively."),
+    Attribute("name", "complex", description="The components of the user's real name.",
+              sub_attributes=tuple(
+                  Attribute(sub, description=text) for sub, text in (
+                      ("formatted", "The full name, formatted for display."),
+                      ("familyName", "The family name of the User."),
+                      ("givenName", "The given name of the User."),
+                      ("middleName", "The middle name(s) of the User."),
+                      ("honorificPrefix", "The honorific prefix(es) of the User."),
+                      ("honorificSuffix", "The honorific suffix(es) of the User.")))),
+    Attribute("displayName", description="The name of the User, suitable for display to end-users."),
+    Attribute("nickName", description="The casual way to address the user in real life."),
+    Attribute("profileUrl", "reference", reference_types=("external",),
+              description="A fully qualified URL pointing to a page representing the User's "
+              "online profile."),
+    Attribute("title", description="The user's title, such as \"Vice President\"."),
+    Attribute("userType", description="Used to identify the relationship between the "
+              "organization and the user."),
+    Attribute("preferredLanguage", description="The User's preferred written or spoken language."),
+    Attribute("locale", description="Used to indicate the User's default location."),
+    Attribute("timezone", description="The User's time zone in the 'Olson' time zone database format."),
+    Attribute("active", "boolean", description="A Boolean value indicating the User's "
+              "administrative status."),
+    Attribute("password", mutability="writeOnly", returned="never",
+              description="The User's cleartext password. Write-only: never returned, "
+              "stored only as a salted hash."),
+    _multi("emails", "Email addresses for the user.", ("work", "home", "other")),
+    _multi("phoneNumbers", "Phone numbers for the User.",
+           ("work", "home", "mobile", "fax", "pager", "other")),
+    _multi("ims", "Instant messaging addresses for the User.",
+           ("aim", "gtalk", "icq", "xmpp", "msn", "skype", "qq", "yahoo")),
+    _multi("photos", "URLs of photos of the User.", ("photo", "thumbnail"), value_type="reference"),
+    Attribute("addresses", "complex", multi_valued=True,
+              description="A physical mailing address for this User.", sub_attributes=tuple(
+                  Attribute(sub, description=text) for sub, text in (
+                      ("formatted", "The full mailing address, formatted for display."),
+                      ("streetAddress", "The full street address component."),
+                      ("locality", "The city or locality component."),
+                      ("region", "The state or region component."),
+                      ("postalCode", "The zip code or postal code component."),
+                      ("country", "The country name component."))) + (
+                  Attribute("type", canonical_values=("work", "home", "other"),
+                            description="A label indicating the attribute's function."),
+                  Attribute("primary", "boolean", description="Indicates the 'primary' or "
+                            "preferred attribute value for this attribute."))),
+    Attribute("groups", "complex", multi_valued=True, mutability="readOnly",
+              description="A list of groups to which the user belongs. Read-only: "
+              "computed from group memberships.", sub_attributes=(
+                  Attribute("value", mutability="readOnly", description="The identifier of the User's group."),
+                  Attribute("$ref", "reference", mutability="readOnly",
+                            reference_types=("User", "Group"),
+                            description="The URI of the corresponding 'Group' resource."),
+                  Attribute("display", mutability="readOnly", description="The group's displayName."),
+                  Attribute("type", mutability="readOnly", canonical_values=("direct", "indirect"),
+                            description="How the membership was derived."))),
+    _multi("entitlements", "A list of entitlements for the User."),
+    _multi("roles", "A list of roles for the User."),
+    _multi("x509Certificates", "A list of certificates issued to the User.", value_type="binary"),
+))
+
+ENTERPRISE_USER_SCHEMA = Schema(URN_ENTERPRISE, "EnterpriseUser", "Enterprise User", (
+    Attribute("employeeNumber", description="Numeric or alphanumeric identifier assigned to a "
+              "person, typically based on order of hire or association with an organization."),
+    Attribute("costCenter", description="Identifies the name of a cost center."),
+    Attribute("organization", description="Identifies the name of an organization."),
+    Attribute("division", description="Identifies the name of a division."),
+    Attribute("department", description="Identifies the name of a department."),
+    Attribute("manager", "complex", description="The User's manager. Entra sends the manager's "
+              "id as a plain string; it is returned as {\"value\": id}.", sub_attributes=(
+                  Attribute("value", case_exact=True, description="The id of the SCIM resource "
+                            "representing the User's manager."),
+                  Attribute("$ref", "reference", reference_types=("User",),
+                            description="The URI of the SCIM resource representing the User's manager."),
+                  Attribute("displayName", mutability="readOnly",
+                            description="The displayName of the User's manager."))),
+))
+
+GROUP_SCHEMA = Schema(URN_GROUP, "Group", "Group", (
+    Attribute("displayName", required=True, uniqueness="server",
+              description="A human-readable name for the Group. Unique (compared "
+              "case-insensitively), as Microsoft Entra ID requires."),
+    Attribute("members", "complex", multi_valued=True, description="A list of members of the Group.",
+              sub_attributes=(
+                  Attribute("value", case_exact=True, mutability="immutable",
+                            description="Identifier of the member of this Group."),
+                  Attribute("$ref", "reference", mutability="immutable", reference_types=("User", "Group"),
+                            description="The URI corresponding to a SCIM resource that is a member "
+                            "of this Group."),
+                  Attribute("display", mutability="readOnly",
+                            description="The member's displayName."),
+                  Attribute("type", mutability="immutable", canonical_values=("User", "Group"),
+                            description="A label indicating the type of resource, e.g., 'User' or 'Group'."))),
+))
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourceType:
+    name: str
+    endpoint: str
+    table: str
+    schema: Schema
+    extensions: tuple          # (Schema, required)
+    description: str
+
+    @property
+    def schemas(self):
+        return (self.schema,) + tuple(ext for ext, _ in self.extensions)
+
+    def schema_by_urn(self, urn):
+        key = urn.lower()
+        for schema in self.schemas:
+            if schema.id.lower() == key:
+                return schema
+        return None
+
+
+USER = ResourceType("User", "/Users", "users", USER_SCHEMA, ((ENTERPRISE_USER_SCHEMA, False),),
+                    "User Account")
+GROUP = ResourceType("Group", "/Groups", "groups", GROUP_SCHEMA, (), "Group")
+RESOURCE_TYPES = {"User": USER, "Group": GROUP}
+ALL_SCHEMAS = (USER_SCHEMA, ENTERPRISE_USER_SCHEMA, GROUP_SCHEMA)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributePath:
+    """A resolved attribute reference: schema, attribute and optional sub-attribute.
+
+    `schema` is None for a custom extension Entra sent that we have no
+    schema for; then `attribute` is a synthetic string attribute.
+    """
+
+    urn: str                  # the schema URN the attribute lives in
+    attribute: Attribute
+    sub_attribute: Attribute = None
+    core: bool = True         # lives at the top level of the document (not in an extension object)
+
+    @property
+    def target(self):
+        return self.sub_attribute or self.attribute
+
+    @property
+    def key(self):
+        """Folded dotted name, e.g. 'name.givenname' or 'urn:...:user:manager.value'."""
+        name = self.attribute.name.lower()
+        if not self.core:
+            name = self.urn.lower() + ":" + name
+        if self.sub_attribute:
+            name += "." + self.sub_attribute.name.lower()
+        return name
+
+
+ATTRIBUTE_NAME = re.compile(r"^\$?[A-Za-z][\w\-]*$")
+
+
+def split_attribute_path(text):
+    """'urn:...:User:name.givenName' → ('urn:...:User', 'name', 'givenName').
+
+    RFC 7644 §3.10: "attrPath = [URI ":"] ATTRNAME *1subAttr". Attribute
+    names hold no ':', so the URI is everything before the last one.
+    """
+    urn = None
+    if ":" in text:
+        urn, _, text = text.rpartition(":")
+    name, _, sub = text.partition(".")
+    if not ATTRIBUTE_NAME.match(name) or (sub and not ATTRIBUTE_NAME.match(sub)) or "." in sub:
+        return None
+    return urn, name, sub or None
+
+
+def resolve_attribute(resource_type, urn, name, sub=None, custom_ok=False):
+    """Bind a parsed attribute name to the model; None when it names nothing.
+
+    An unqualified name is looked up in the core schema first, then in the
+    extensions (Entra sends `manager` unqualified, [TUT Example 5]). With
+    `custom_ok`, an unknown extension URN (Entra's custom mappings, e.g.
+    urn:ietf:params:scim:schemas:extension:CustomExtension:2.0:User:costCode)
+    resolves to a free-form attribute kept in that extension's object.
+    """
+    if urn is not None:
+        schema = resource_type.schema_by_urn(urn)
+        if schema is None:
+            if custom_ok and urn.lower().startswith("urn:") and not urn.lower().startswith(
+                    ("urn:ietf:params:scim:schemas:core:", "urn:ietf:params:scim:api:")):
+                if sub is not None:
+                    return None
+                return AttributePath(urn, Attribute(name, case_exact=False), None, core=False)
+            return None
+        candidates = [schema]
+    else:
+        candidates = resource_type.schemas
+    for schema in candidates:
+        attribute = schema.attribute(name)
+        if attribute is None:
+            attribute = next((a for a in COMMON_ATTRIBUTES if a.name.lower() == name.lower()), None) \
+                if schema is resource_type.schema else None
+        if attribute is None:
+            continue
+        sub_attribute = None
+        if sub is not None:
+            sub_attribute = attribute.sub(sub)
+            if sub_attribute is None:
+                return None
+        return AttributePath(schema.id, attribute, sub_attribute, core=schema is resource_type.schema)
+    return None
+
+
+# -- input values ------------------------------------------------------------
+#
+# RFC 7643 §2.3 data types. Values are stored as they were sent (R33): a
+# phone number or a userName keeps its exact text. Entra's deviations are
+# accepted here, once, for every way a value can arrive: booleans as
+# "True"/"False" (R18), the manager as a plain id string or a one-element
+# list (R25, R27), nulls meaning "unassigned" (RFC 7643 §2.5, R7).
+
+DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+
+
+def invalid_value(where, expected, value):
+    shown = json.dumps(value, ensure_ascii=False)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return ScimError(400, "invalidValue", "%s must be %s, got %s" % (where, expected, shown))
+
+
+def coerce_value(attribute, value, where):
+    """Validate one attribute value and return it in stored form (None = unassigned)."""
+    if value is None:
+        return None
+    if attribute.multi_valued:
+        values = value if isinstance(value, list) else [value]
+        result = [v for v in (coerce_single(attribute, item, where) for item in values) if v is not None]
+        if attribute.type == "complex" and sum(1 for v in result if v.get("primary") is True) > 1:
+            raise ScimError(400, "invalidValue", "%s: the primary attribute value 'true' must appear "
+                            "no more than once (RFC 7643 §2.4)" % where)
+        return result or None
+    if isinstance(value, list) and attribute.type == "complex" and len(value) == 1:
+        value = value[0]   # Entra's manager as [{"value": id, "$ref": ...}] (R27)
+    return coerce_single(attribute, value, where)
+
+
+def coerce_single(attribute, value, where):
+    if value is None:
+        return None
+    kind = attribute.type
+    if kind == "complex":
+        if isinstance(value, str) and attribute.sub("value"):
+            value = {"value": value}   # manager as a plain id string (R25)
+        if not isinstance(value, dict):
+            raise invalid_value(where, "an object", value)
+        result = {}
+        for key, item in value.items():
+            sub = attribute.sub(key)
+            if sub is None or sub.mutability == "readOnly":
+                continue   # e.g. "$ref": null or "display" on a member: not the client's to set
+            item = coerce_single(sub, item, "%s.%s" % (where, sub.name))
+            if item is not None:
+                result[sub.name] = item
+        return result or None
+    if kind == "boolean":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"   # Entra's "True"/"False" (R18)
+        raise invalid_value(where, "a boolean", value)
+    if kind == "integer":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise invalid_value(where, "an integer", value)
+    if kind == "decimal":
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return value
+        raise invalid_value(where, "a number", value)
+    if not isinstance(value, str):
+        raise invalid_value(where, "a string", value)
+    if kind == "dateTime" and not DATE_TIME.match(value):
+        raise invalid_value(where, "an xsd:dateTime such as 2008-01-23T04:56:22Z", value)
+    if kind == "binary":
+        try:
+            base64.b64decode(value, validate=True)
+        except ValueError:
+            raise invalid_value(where, "base64-encoded binary", value) from None
+    return value
+
+
+def coerce_custom(value, where):
+    """A value under a custom extension URN we have no schema for: any JSON
+    but nulls, which mean unassigned."""
+    if isinstance(value, dict):
+        result = {k: coerce_custom(v, where) for k, v in value.items() if v is not None}
+        return {k: v for k, v in result.items() if v is not None} or None
+    if isinstance(value, list):
+        return [coerce_custom(v, where) for v in value if v is not None] or None
+    return value
+
+
+def is_custom_extension(resource_type, urn):
+    return (urn.lower().startswith("urn:") and resource_type.schema_by_urn(urn) is None
+            and not urn.lower().startswith(("urn:ietf:params:scim:schemas:core:",
+                                            "urn:ietf:params:scim:api:")))
+
+
+def canonical_document(resource_type, body):
+    """A POST or PUT body as the stored document: known attributes under their
+    canonical names, extension objects under their URN, readOnly attributes
+    and nulls dropped. Unknown core attributes are ignored (R34); unknown
+    extension URNs are kept (Entra's custom mappings)."""
+    if not isinstance(body, dict):
+        raise ScimError(400, "invalidSyntax", "the request body must be a JSON object")
+    document = {}
+    for key, value in body.items():
+        if not isinstance(key, str) or key.lower() in ("schemas", "id", "meta"):
+            continue   # the server's: schemas are derived, id and meta assigned
+        schema = resource_type.schema_by_urn(key)
+        if schema is not None and schema is not resource_type.schema:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise invalid_value(key, "an object", value)
+            extension = {}
+            for name, item in value.items():
+                attribute = schema.attribute(name)
+                if attribute is None or attribute.mutability == "readOnly":
+                    continue
+                item = coerce_value(attribute, item, "%s:%s" % (schema.id, attribute.name))
+                if item is not None:
+                    extension[attribute.name] = item
+            if extension:
+                document[schema.id] = extension
+            continue
+        if is_custom_extension(resource_type, key) and isinstance(value, dict):
+            kept = coerce_custom(value, key)
+            if kept:
+                document[key] = kept
+            continue
+        parts = split_attribute_path(key)
+        path = parts and resolve_attribute(resource_type, *parts, custom_ok=True)
+        if path is None or path.attribute.mutability == "readOnly":
+            continue
+        if path.sub_attribute is not None:
+            continue   # dotted keys belong to PATCH; a POST body nests them
+        item = coerce_value(path.attribute, value, path.attribute.name)
+        if item is None:
+            continue
+        if path.core:
+            document[path.attribute.name] = item
+        else:
+            document.setdefault(path.urn, {})[path.attribute.name] = item
+    return document
+
+
+def check_required(resource_type, document):
+    """RFC 7643 §2.2: required attributes; userName and displayName must be non-empty."""
+    for attribute in resource_type.schema.attributes:
+        if attribute.required:
+            value = document.get(attribute.name)
+            if not isinstance(value, str) or not value.strip():
+                raise ScimError(400, "invalidValue", "%s is required" % attribute.name)
+
+
+# -- output ------------------------------------------------------------------
+
+def resource_location(base_url, resource_type, resource_id):
+    return "%s%s/%s" % (base_url, resource_type.endpoint, urllib.parse.quote(resource_id, safe=""))
+
+
+def weak_etag(version):
+    return 'W/"%d"' % version
+
+
+def render_resource(resource_type, row, base_url, members=None, groups=None):
+    """The SCIM representation of a stored row, every attribute in schema order.
+
+    `members` (Group) and `groups` (User) come from the members table when the
+    response needs them; None leaves them out.
+    """
+    document = json.loads(row["document"])
+    schemas = [resource_type.schema.id]
+    resource = {"schemas": schemas, "id": row["id"]}
+    if "externalId" in document:
+        resource["externalId"] = document["externalId"]
+    for attribute in resource_type.schema.attributes:
+        if attribute.name in document and attribute.returned != "never":
+            resource[attribute.name] = document[attribute.name]
+    if resource_type is USER and groups:
+        resource["groups"] = [
+            {"value": group_id, "$ref": resource_location(base_url, GROUP, group_id),
+             "display": display_name, "type": "direct"} for group_id, display_name in groups]
+    if resource_type is GROUP and members is not None:
+        resource["members"] = [_render_member(base_url, member) for member in members]
+    for key, value in document.items():
+        if key.startswith("urn:") or key.startswith("URN:"):
+            schemas.append(key)
+            resource[key] = value
+    manager = resource.get(URN_ENTERPRISE, {}).get("manager")
+    if manager and "value" in manager and "$ref" not in manager:
+        manager["$ref"] = resource_location(base_url, USER, manager["value"])
+    resource["meta"] = {
+        "resourceType": resource_type.name,
+        "created": row["created"],
+        "lastModified": row["last_modified"],
+        "location": resource_location(base_url, resource_type, row["id"]),
+        "version": weak_etag(row["version"]),
+    }
+    return resource
+
+
+def _render_member(base_url, member):
+    member_id, member_type, display = member
+    rendered = {"value": member_id, "$ref": resource_location(base_url, RESOURCE_TYPES[member_type],
+                                                            member_id), "type": member_type}
+    if display is not None:
+        rendered["display"] = display
+    return rendered
+
+
+class Projection:
+    """RFC 7644 §3.4.2.5 `attributes` / `excludedAttributes` for one response.
+
+    Keys are folded dotted names: 'username', 'name.givenname',
+    'urn:...:enterprise:2.0:user:manager'. "Attributes with 'returned'
+    set to 'always' ... are always returned" (id, schemas).
+    """
+
+    ALWAYS = ("schemas", "id")
+
+    def __init__(self, resource_type, attributes=None, excluded=None):
+        self.resource_type = resource_type
+        self.attributes = self._keys(attributes)
+        self.excluded = self._keys(excluded) if not self.attributes else set()
+
+    def _keys(self, names):
+        keys = set()
+        for name in names or ():
+            name = name.strip()
+            if not name:
+                continue
+            if self.resource_type.schema_by_urn(name) is not None or is_custom_extension(
+                    self.resource_type, name):
+                schema = self.resource_type.schema_by_urn(name)
+                keys.add("" if schema is self.resource_type.schema else name.lower())
+                continue
+            parts = split_attribute_path(name)
+            path = parts and resolve_attribute(self.resource_type, *parts, custom_ok=True)
+            if path is not None:
+                keys.add(path.key)
+        keys.discard("")
+        return keys
+
+    def wants(self, top_level):
+        """Whether the response needs attribute `top_level` at all (members, groups)."""
+        key = top_level.lower()
+        if self.attributes:
+            return any(k == key or k.startswith(key + ".") for k in self.attributes)
+        return key not in self.excluded
+
+    def apply(self, resource):
+        if not self.attributes and not self.excluded:
+            return resource
+        result = {}
+        for name, value in resource.items():
+            key = name.lower()
+            if key in self.ALWAYS:
+                result[name] = value
+            elif isinstance(value, dict) and key.startswith("urn:"):
+                inner = self._filter_object(key + ":", key, value)
+                if inner:
+                    result[name] = inner
+            else:
+                kept = self._filter_attribute(key, value)
+                if kept is not None:
+                    result[name] = kept
+        return result
+
+    def _filter_object(self, prefix, whole, value):
+        if self.attributes and whole in self.attributes:
+            return value
+        if whole in self.excluded:
+            return None
+        result = {}
+        for name, item in value.items():
+            kept = self._filter_attribute(prefix + name.lower(), item)
+            if kept is not None:
+                result[name] = kept
+        return result
+
+    def _filter_attribute(self, key, value):
+        if self.attributes:
+            if key in self.attributes:
+                return value
+            subs = {k[len(key) + 1:] for k in self.attributes if k.startswith(key + ".")}
+            if not subs:
+                return None
+            return self._pick(value, lambda sub: sub.lower() in subs)
+        if key in self.excluded:
+            return None
+        subs = {k[len(key) + 1:] for k in self.excluded if k.startswith(key + ".")}
+        if not subs:
+            return value
+        return self._pick(value, lambda sub: sub.lower() not in subs)
+
+    @staticmethod
+    def _pick(value, keep):
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if keep(k)} or None
+        if isinstance(value, list):
+            picked = [{k: v for k, v in item.items() if keep(k)} if isinstance(item, dict) else item
+                      for item in value]
+            return [p for p in picked if p] or None
+        return value
+
+
+# ============================================================================
+# 6. Filter language
+# ============================================================================
+#
+# RFC 7644 §3.4.2.2:
+#
+#   FILTER    = attrExp / logExp / valuePath / *1"not" "(" FILTER ")"
+#   valuePath = attrPath "[" valFilter "]"
+#   valFilter = attrExp / logExp / *1"not" "(" valFilter ")"
+#   attrExp   = (attrPath SP "pr") / (attrPath SP compareOp SP compValue)
+#   logExp    = FILTER SP ("and" / "or") SP FILTER
+#   compValue = false / null / true / number / string
+#   compareOp = "eq" / "ne" / "co" / "sw" / "ew" / "gt" / "lt" / "ge" / "le"
+#
+# "The operators and/or/not ... are listed in order of precedence: not,
+# and, or"; "Filters MUST be evaluated using the following order of
+# operations, in order of precedence: 1. Grouping operators 2. Logical
+# operators 3. Attribute operators". ABNF literals are case-insensitive, so
+# `EQ`, `And` and `True` are all accepted. Beyond the grammar, Entra's
+# `emails[type eq "work"].value eq "x"` (R12) is a value path with a
+# sub-attribute comparison.
+#
+# The tree: ("or", [nodes]), ("and", [nodes]), ("not", node),
+# ("cmp", path, op, value), ("pr", path), ("has", path, node, sub, op, value)
+# where `path` is the attribute text as written and `sub`/`op`/`value` of a
+# value path are None unless a comparison follows the brackets.
+
+COMPARE_OPERATORS = ("eq", "ne", "co", "sw", "ew", "gt", "lt", "ge", "le")
+
+_FILTER_TOKEN = re.compile(r"""
+    (?P<space>\s+)
+  | (?P<string>"(?:[^"\\\x00-\x1f]|\\.)*")
+  | (?P<punct>[()\[\]])
+  | (?P<number>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)(?![\w.:$])
+  | (?P<word>[\w$:.\-]+)
+""", re.VERBOSE)
+
+
+def invalid_filter(detail):
+    return ScimError(400, "invalidFilter", detail)
+
+
+def _tokenize_filter(text):
+    tokens = []
+    position = 0
+    while position < len(text):
+        match = _FILTER_TOKEN.match(text, position)
+        if match is None:
+            if text[position] == '"':
+                raise invalid_filter("unterminated string at character %d" % (position + 1))
+            raise invalid_filter("unexpected character %r at position %d" % (text[position], position + 1))
+        kind = match.lastgroup
+        if kind != "space":
+            value = match.group()
+            if kind == "string":
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    raise invalid_filter("invalid string %s" % value) from None
+            elif kind == "number":
+                value = json.loads(value)
+            tokens.append((kind, value, position + 1))
+        position = match.end()
+    return tokens
+
+
+class _FilterParser:
+    def __init__(self, text):
+        if len(text) > MAX_FILTER_LENGTH:
+            raise invalid_filter("filter is longer than %d characters" % MAX_FILTER_LENGTH)
+        self.tokens = _tokenize_filter(text)
+        self.position = 0
+        self.terms = 0
+
+    def parse(self):
+        if not self.tokens:
+            raise invalid_filter("empty filter")
+        node = self.or_expression(0, False)
+        if self.position < len(self.tokens):
+            raise invalid_filter("unexpected %s at position %d" % self._describe(self.tokens[self.position]))
+        return node
+
+    def _describe(self, token):
+        return (json.dumps(token[1]) if token[0] == "string" else str(token[1])), token[2]
+
+    def peek_word(self):
+        if self.position < len(self.tokens) and self.tokens[self.position][0] == "word":
+            return self.tokens[self.position][1].lower()
+        return None
+
+    def next(self, what):
+        if self.position >= len(self.tokens):
+            raise invalid_filter("filter ends where %s was expected" % what)
+        token = self.tokens[self.position]
+        self.position += 1
+        return token
+
+    def expect(self, punct):
+        token = self.next("'%s'" % punct)
+        if token[:2] != ("punct", punct):
+            raise invalid_filter("expected '%s' at position %d, found %s"
+                                 % (punct, token[2], self._describe(token)[0]))
+
+    def or_expression(self, depth, nested):
+        items = [self.and_expression(depth, nested)]
+        while self.peek_word() == "or":
+            self.position += 1
+            items.append(self.and_expression(depth, nested))
+        return items[0] if len(items) == 1 else ("or", items)
+
+    def and_expression(self, depth, nested):
+        items = [self.unary(depth, nested)]
+        while self.peek_word() == "and":
+            self.position += 1
+            items.append(self.unary(depth, nested))
+        return items[0] if len(items) == 1 else ("and", items)
+
+    def unary(self, depth, nested):
+        if depth >= MAX_FILTER_DEPTH:
+            raise invalid_filter("filter is nested deeper than %d levels" % MAX_FILTER_DEPTH)
+        if self.peek_word() == "not":
+            self.position += 1
+            self.expect("(")
+            node = self.or_expression(depth + 1, nested)
+            self.expect(")")
+            return ("not", node)
+        token = self.next("an attribute")
+        if token[:2] == ("punct", "("):
+            node = self.or_expression(depth + 1, nested)
+            self.expect(")")
+            return node
+        if token[0] != "word" or token[1].lower() in ("and", "or") or token[1].startswith("."):
+            raise invalid_filter("expected an attribute at position %d, found %s" % (token[2], self._describe(token)[0]))
+        return self.attribute_expression(token[1], depth, nested)
+
+    def attribute_expression(self, path, depth, nested):
+        self.terms += 1
+        if self.terms > MAX_FILTER_TERMS:
+            raise invalid_filter("filter has more than %d comparisons" % MAX_FILTER_TERMS)
+        if self.position < len(self.tokens) and self.tokens[self.position][:2] == ("punct", "["):
+            if nested:
+                raise invalid_filter("value paths cannot be nested")
+            self.position += 1
+            inner = self.or_expression(depth + 1, True)
+            self.expect("]")
+            word = self.peek_word()
+            if word and word.startswith("."):
+                sub = self.next("a sub-attribute")[1][1:]
+                operator, value = self.operator_and_value()
+                return ("has", path, inner, sub, operator, value)
+            return ("has", path, inner, None, None, None)
+        operator, value = self.operator_and_value()
+        if operator == "pr":
+            return ("pr", path)
+        return ("cmp", path, operator, value)
+
+    def operator_and_value(self):
+        token = self.next("an operator")
+        operator = token[1].lower() if token[0] == "word" else None
+        if operator == "pr":
+            return "pr", None
+        if operator not in COMPARE_OPERATORS:
+            raise invalid_filter("unknown operator %s at position %d" % self._describe(token))
+        token = self.next("a value")
+        if token[0] in ("string", "number"):
+            return operator, token[1]
+        if token[0] == "word" and token[1].lower() in ("true", "false", "null"):
+            return operator, {"true": True, "false": False, "null": None}[token[1].lower()]
+        raise invalid_filter("expected a quoted string, number, true, false or null at position %d, found %s"
+                             % (token[2], self._describe(token)[0]))
+
+
+def parse_filter(text):
+    """Parse a filter expression into a tree; ScimError(400, invalidFilter) if it is not one."""
+    return _FilterParser(text).parse()
+
+
+# -- filters as SQL ----------------------------------------------------------
+#
+# A filter becomes one WHERE clause; nothing is scanned in Python. Strings
+# with caseExact=false compare as fold(value) (an indexed column holds it
+# already for userName and group displayName). co/sw/ew use instr/substr,
+# never LIKE, so `%` and `_` in a value are just characters.
+
+@dataclasses.dataclass(frozen=True)
+class _SqlScope:
+    """Where attribute names in a (sub-)filter are looked up.
+
+    kind: 'resource' (a users/groups row), 'element' (one item of a JSON
+    multi-valued attribute, alias.value), 'members' (a members row), or
+    'groups' (a User.groups membership joined to its group).
+    """
+
+    kind: str
+    resource_type: ResourceType = None
+    attribute: Attribute = None
+    alias: str = ""
+
+
+def filter_to_sql(tree, resource_type):
+    """A WHERE clause and its parameters for `tree` over the resource's table."""
+    scope = _SqlScope("resource", resource_type, alias=resource_type.table)
+    return _node_sql(tree, scope, [0])
+
+
+def member_filter_to_sql(tree):
+    """A WHERE clause over rows of the members table, for members[...] in PATCH."""
+    return _node_sql(tree, _SqlScope("members", GROUP, GROUP_SCHEMA.attribute("members"),
+                                     alias="members"), [0])
+
+
+def _node_sql(node, scope, counter):
+    kind = node[0]
+    if kind in ("and", "or"):
+        parts = [_node_sql(child, scope, counter) for child in node[1]]
+        sql = (" %s " % kind.upper()).join("(%s)" % part[0] for part in parts)
+        return sql, [p for part in parts for p in part[1]]
+    if kind == "not":
+        sql, params = _node_sql(node[1], scope, counter)
+        # NULL (an absent attribute) means "no match" at the leaves; under
+        # NOT it must turn into a match, so collapse it first.
+        return "NOT coalesce((%s), 0)" % sql, params
+    if scope.kind != "resource":
+        return _scoped_sql(node, scope, counter)
+    path = _resolve_filter_path(node[1], scope.resource_type)
+    attribute = path.attribute
+    if attribute.multi_valued:
+        return _multi_valued_sql(node, path, scope, counter)
+    if kind == "has":
+        if attribute.type != "complex":
+            raise invalid_filter("%s is not a complex attribute" % node[1])
+        # A value path on a single-valued complex attribute (manager[value eq "x"]).
+        inner_scope = _object_scope(path, scope)
+        conditions = [_node_sql(node[2], inner_scope, counter)]
+        if node[3] is not None:
+            conditions.append(_scoped_sql(_sub_comparison(node), inner_scope, counter))
+        return (" AND ".join("(%s)" % c[0] for c in conditions),
+                [p for c in conditions for p in c[1]])
+    target = path.target
+    if target.type == "complex":
+        if kind == "pr":
+            expr = _json_expr(scope, path)
+            return "(%s IS NOT NULL AND %s NOT IN ('{}', '[]'))" % (expr, expr), []
+        value_sub = target.sub("value")
+        if value_sub is None:
+            raise invalid_filter("%s is complex: compare one of its sub-attributes" % node[1])
+        path = dataclasses.replace(path, sub_attribute=value_sub)
+        target = value_sub
+    column = SQL_TABLES[scope.resource_type.name].columns.get(path.key)
+    if column is not None:
+        expr, folded = column
+    elif path.key == "meta.resourcetype":
+        expr, folded = "'%s'" % scope.resource_type.name, False
+    elif path.attribute.name == "meta" or path.attribute.mutability == "writeOnly":
+        raise invalid_filter("filtering on %s is not supported" % node[1])
+    else:
+        expr, folded = _json_expr(scope, path), False
+    return _compare_sql(node, expr, target, folded)
+
+
+def _sub_comparison(node):
+    """The comparison after a value path: emails[type eq "work"].value eq "x"."""
+    _, _, _, sub, operator, value = node
+    return ("pr", sub) if operator == "pr" else ("cmp", sub, operator, value)
+
+
+def _object_scope(path, scope):
+    return _SqlScope("element", scope.resource_type, path.attribute,
+                     alias="json_extract(%s.document, %s)" % (
+                         scope.alias, _sql_string(_json_path(path.urn, path.attribute.name, None, path.core))))
+
+
+def _resolve_filter_path(text, resource_type):
+    parts = split_attribute_path(text)
+    path = parts and resolve_attribute(resource_type, *parts, custom_ok=True)
+    if path is None:
+        raise invalid_filter("unknown attribute %r for %s" % (text, resource_type.name))
+    return path
+
+
+def _json_path(urn, name, sub, core):
+    path = "$" if core else '$."%s"' % urn
+    path += '."%s"' % name
+    if sub:
+        path += '."%s"' % sub
+    return path
+
+
+def _sql_string(text):
+    return "'%s'" % text.replace("'", "''")
+
+
+def _json_expr(scope, path):
+    sub = path.sub_attribute.name if path.sub_attribute else None
+    return "json_extract(%s.document, %s)" % (
+        scope.alias, _sql_string(_json_path(path.urn, path.attribute.name, sub, path.core)))
+
+
+def _multi_valued_sql(node, path, scope, counter):
+    """EXISTS over the items of a multi-valued attribute: JSON array, members or groups."""
+    counter[0] += 1
+    alias = "v%d" % counter[0]
+    attribute = path.attribute
+    if scope.resource_type is GROUP and attribute.name == "members":
+        source = "members %s" % alias
+        link = "%s.group_id = %s.id" % (alias, scope.alias)
+        inner_scope = _SqlScope("members", scope.resource_type, attribute, alias=alias)
+    elif scope.resource_type is USER and attribute.name == "groups":
+        source = "members %s JOIN groups %s_g ON %s_g.id = %s.group_id" % (alias, alias, alias, alias)
+        link = "%s.member_id = %s.id" % (alias, scope.alias)
+        inner_scope = _SqlScope("groups", scope.resource_type, attribute, alias=alias)
+    else:
+        source = "json_each(%s.document, %s) %s" % (
+            scope.alias, _sql_string(_json_path(path.urn, attribute.name, None, path.core)), alias)
+        link = "1"
+        inner_scope = _SqlScope("element", scope.resource_type, attribute, alias=alias + ".value")
+    conditions = [(link, [])]
+    kind = node[0]
+    if kind == "has":
+        conditions.append(_node_sql(node[2], inner_scope, counter))
+        if node[3] is not None:
+            conditions.append(_scoped_sql(_sub_comparison(node), inner_scope, counter))
+    elif kind != "pr" or path.sub_attribute is not None:
+        sub = path.sub_attribute.name if path.sub_attribute else "value"
+        if attribute.sub(sub) is None:
+            raise invalid_filter("%s has no value sub-attribute to compare" % attribute.name)
+        sub_node = ("pr", sub) if kind == "pr" else ("cmp", sub, node[2], node[3])
+        conditions.append(_scoped_sql(sub_node, inner_scope, counter))
+    sql = "EXISTS (SELECT 1 FROM %s WHERE %s)" % (
+        source, " AND ".join("(%s)" % c[0] for c in conditions))
+    return sql, [p for c in conditions for p in c[1]]
+
+
+def _scoped_sql(node, scope, counter):
+    """A comparison on a sub-attribute of one item (JSON element, member or group)."""
+    if node[0] == "has":
+        raise invalid_filter("value paths cannot be nested")
+    name = node[1]
+    sub = scope.attribute.sub(name.rpartition(":")[2] if ":" in name else name)
+    if sub is None:
+        raise invalid_filter("unknown attribute %r in %s" % (name, scope.attribute.name))
+    folded = False
+    if scope.kind == "members":
+        expr = {"value": "%s.member_id" % scope.alias, "type": "%s.member_type" % scope.alias,
+                "display": "(SELECT coalesce((SELECT display_name FROM users WHERE id = {a}.member_id), "
+                           "(SELECT display_name FROM groups WHERE id = {a}.member_id)))"
+                           .format(a=scope.alias)}.get(sub.name)
+    elif scope.kind == "groups":
+        expr = {"value": "%s.group_id" % scope.alias, "display": "%s_g.display_name" % scope.alias,
+                "type": "'direct'"}.get(sub.name)
+    else:
+        expr = "json_extract(%s, %s)" % (scope.alias, _sql_string('$."%s"' % sub.name))
+    if expr is None:
+        raise invalid_filter("filtering on %s.%s is not supported" % (scope.attribute.name, sub.name))
+    return _compare_sql(node, expr, sub, folded)
+
+
+def _compare_sql(node, expr, attribute, folded):
+    if node[0] == "pr":
+        if attribute.type in ("string", "reference", "binary", "dateTime"):
+            return "(%s IS NOT NULL AND %s <> '')" % (expr, expr), []
+        return "%s IS NOT NULL" % expr, []
+    _, name, operator, value = node
+    if value is None:
+        if operator == "eq":
+            return "%s IS NULL" % expr, []
+        if operator == "ne":
+            return "%s IS NOT NULL" % expr, []
+        raise invalid_filter("null can only be compared with eq or ne")
+    value = _filter_operand(name, attribute, operator, value)
+    if attribute.type in ("string", "reference") and not attribute.case_exact:
+        value = fold(value)
+        if not folded:
+            expr = "scim_fold(%s)" % expr
+    if operator == "eq":
+        return "%s = ?" % expr, [value]
+    if operator == "ne":
+        return "%s IS NOT ?" % expr, [value]
+    if operator == "co":
+        return "instr(%s, ?) > 0" % expr, [value]
+    if operator == "sw":
+        return "instr(%s, ?) = 1" % expr, [value]
+    if operator == "ew":
+        return ("(length({x}) >= length(?) AND substr({x}, length({x}) - length(?) + 1) = ?)"
+                .format(x=expr), [value, value, value])
+    symbol = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}[operator]
+    return "%s %s ?" % (expr, symbol), [value]
+
+
+def _filter_operand(name, attribute, operator, value):
+    """Check a comparison against the attribute's type (RFC 7644 §3.4.2.2)."""
+    kind = attribute.type
+    if kind == "boolean":
+        # "Boolean and Binary attributes SHALL cause a failed response (HTTP
+        # 400 Bad Request and scimType of invalidFilter)" for gt/ge/lt/le.
+        if operator not in ("eq", "ne"):
+            raise invalid_filter("%s is boolean: only eq, ne and pr apply" % name)
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if not isinstance(value, bool):
+            raise invalid_filter("%s is boolean: compare it with true or false" % name)
+        return 1 if value else 0
+    if kind == "binary" and operator not in ("eq", "ne"):
+        raise invalid_filter("%s is binary: only eq, ne and pr apply" % name)
+    if kind in ("integer", "decimal"):
+        if operator in ("co", "sw", "ew"):
+            raise invalid_filter("%s is numeric: %s does not apply" % (name, operator))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise invalid_filter("%s is numeric: compare it with a number" % name)
+        return value
+    if isinstance(value, bool):
+        raise invalid_filter("%s is a %s: compare it with a quoted string" % (name, kind))
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+# -- filters in Python -------------------------------------------------------
+#
+# PATCH value paths (emails[type eq "work"]) select items of a document that
+# is already in memory; the same tree is evaluated here with the same rules.
+
+def filter_matches(node, item, attribute):
+    """Whether `item` (one value of complex attribute `attribute`) matches `node`."""
+    kind = node[0]
+    if kind == "and":
+        return all(filter_matches(child, item, attribute) for child in node[1])
+    if kind == "or":
+        return any(filter_matches(child, item, attribute) for child in node[1])
+    if kind == "not":
+        return not filter_matches(node[1], item, attribute)
+    if kind == "has":
+        raise invalid_filter("value paths cannot be nested")
+    name = node[1].rpartition(":")[2]
+    sub = attribute.sub(name)
+    if sub is None:
+        raise ScimError(400, "invalidPath", "unknown attribute %r in %s" % (node[1], attribute.name))
+    actual = item.get(sub.name) if isinstance(item, dict) else None
+    if kind == "pr":
+        return actual not in (None, "", [], {})
+    operator, value = node[2], node[3]
+    if value is None:
+        if operator in ("eq", "ne"):
+            return (actual is None) == (operator == "eq")
+        raise invalid_filter("null can only be compared with eq or ne")
+    value = _filter_operand(node[1], sub, operator, value)
+    if sub.type == "boolean":
+        actual = None if actual is None else (1 if actual else 0)
+    if actual is None:
+        return operator == "ne"
+    if sub.type in ("string", "reference") and not sub.case_exact and isinstance(actual, str):
+        actual, value = fold(actual), fold(value)
+    try:
+        if operator == "eq":
+            return actual == value
+        if operator == "ne":
+            return actual != value
+        if operator == "co":
+            return value in actual
+        if operator == "sw":
+            return actual.startswith(value)
+        if operator == "ew":
+            return actual.endswith(value)
+        return {"gt": actual > value, "ge": actual >= value,
+                "lt": actual < value, "le": actual <= value}[operator]
+    except TypeError:
+        return False
+
+
+def sort_expression(resource_type, sort_by):
+    """The SQL to ORDER BY for `sortBy` (RFC 7644 §3.4.2.3)."""
+    parts = split_attribute_path(sort_by)
+    path = parts and resolve_attribute(resource_type, *parts, custom_ok=True)
+    if path is None or path.attribute.mutability == "writeOnly":
+        raise ScimError(400, "invalidValue", "cannot sort by %r" % sort_by)
+    table = resource_type.table
+    attribute, target = path.attribute, path.target
+    if attribute.multi_valued:
+        # "If the attribute is multi-valued, resources are sorted by the value
+        # of the primary attribute ... if any, or else the first value".
+        sub = path.sub_attribute.name if path.sub_attribute else "value"
+        if attribute.name in ("members", "groups") or attribute.sub(sub) is None:
+            raise ScimError(400, "invalidValue", "cannot sort by %r" % sort_by)
+        expr = ("(SELECT json_extract(s.value, %s) FROM json_each(%s.document, %s) s "
+                "ORDER BY coalesce(json_extract(s.value, '$.primary'), 0) DESC, s.key LIMIT 1)"
+                % (_sql_string('$."%s"' % sub), table,
+                   _sql_string(_json_path(path.urn, attribute.name, None, path.core))))
+        target = attribute.sub(sub)
+    elif target.type == "complex":
+        raise ScimError(400, "invalidValue", "cannot sort by complex attribute %r" % sort_by)
+    else:
+        column = SQL_TABLES[resource_type.name].columns.get(path.key)
+        expr = column[0] if column else _json_expr(_SqlScope("resource", resource_type, alias=table), path)
+        if column and column[1]:
+            return expr
+    if target.type in ("string", "reference") and not target.case_exact:
+        expr = "scim_fold(%s)" % expr
+    return expr
+
+
+# ============================================================================
+# 7. PATCH engine
+# ============================================================================
+#
+# RFC 7644 §3.5.2: "PATH = attrPath / valuePath [subAttr]", operations add,
+# replace and remove, applied in order, all or nothing. Pure: a document in,
+# a new document out. Group members never live in the document: member
+# operations come back as a list of changes for the members table, so a
+# PATCH costs the members it names, not the size of the group.
+#
+# Entra's forms (entra-requirements.md) accepted alongside the RFC's:
+# op names in any case (R6); "True"/"False" for booleans (R18, in
+# coerce_value); path-less values whose keys are themselves paths,
+# `name.givenName` or URN-qualified (R23); Add on single-valued attributes
+# (R21); `emails[type eq "work"].value` creating the entry when absent
+# (R29); manager as a plain id, an array, or removed by value (R25-R27);
+# members removed by `path: members` with a value list, or by
+# `members[value eq "…"]` (R40).
+
+PATCH_OPERATIONS = ("add", "replace", "remove")
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchPath:
+    """A parsed PATCH path: the attribute, an optional value filter, and the
+    sub-attribute after the filter (`emails[type eq "work"].value`)."""
+
+    path: AttributePath
+    value_filter: tuple = None
+    filter_sub: Attribute = None
+
+
+def invalid_path(detail):
+    return ScimError(400, "invalidPath", detail)
+
+
+def parse_path(resource_type, text):
+    """Parse a PATCH `path`; ScimError(400, invalidPath) when it names nothing we have."""
+    value_filter = None
+    filter_sub = None
+    attribute_text = text.strip()
+    if "[" in attribute_text:
+        attribute_text, _, rest = attribute_text.partition("[")
+        inner, bracket, after = rest.rpartition("]")
+        if not bracket:
+            raise invalid_path("unbalanced '[' in path %r" % text)
+        try:
+            value_filter = parse_filter(inner)
+        except ScimError as exc:
+            raise invalid_path("invalid filter in path %r: %s" % (text, exc.detail)) from None
+        if after and not after.startswith("."):
+            raise invalid_path("unexpected %r after ']' in path %r" % (after, text))
+        filter_sub_name = after[1:] or None
+    parts = split_attribute_path(attribute_text)
+    path = parts and resolve_attribute(resource_type, *parts, custom_ok=True)
+    if path is None:
+        raise invalid_path("no attribute %r in %s" % (attribute_text, resource_type.name))
+    if value_filter is not None:
+        if path.sub_attribute is not None or path.attribute.type != "complex":
+            raise invalid_path("a value filter needs a complex attribute: %r" % text)
+        if filter_sub_name:
+            filter_sub = path.attribute.sub(filter_sub_name)
+            if filter_sub is None:
+                raise invalid_path("no sub-attribute %r in %s" % (filter_sub_name, path.attribute.name))
+    return PatchPath(path, value_filter, filter_sub)
+
+
+def read_patch_request(body):
+    """The operations of a PatchOp body (RFC 7644 §3.5.2), checked for shape."""
+    if not isinstance(body, dict):
+        raise ScimError(400, "invalidSyntax", "the request body must be a JSON object")
+    operations = next((v for k, v in body.items() if k.lower() == "operations"), None)
+    if not isinstance(operations, list) or not operations:
+        raise ScimError(400, "invalidSyntax", "a PatchOp request needs a non-empty \"Operations\" array")
+    if len(operations) > MAX_OPERATIONS:
+        raise ScimError(400, "tooMany", "more than %d operations in one PATCH" % MAX_OPERATIONS)
+    result = []
+    for number, operation in enumerate(operations, 1):
+        if not isinstance(operation, dict):
+            raise ScimError(400, "invalidSyntax", "operation %d is not an object" % number)
+        fields = {k.lower(): v for k, v in operation.items()}
+        op = fields.get("op")
+        if not isinstance(op, str) or op.lower() not in PATCH_OPERATIONS:
+            raise ScimError(400, "invalidSyntax", "operation %d: op must be add, replace or remove, got %s"
+                            % (number, json.dumps(op)))
+        path = fields.get("path")
+        if path is not None and not isinstance(path, str):
+            raise ScimError(400, "invalidPath", "operation %d: path must be a string" % number)
+        result.append((op.lower(), path or None, fields.get("value"), "value" in fields))
+    return result
+
+
+def apply_patch(resource_type, document, operations):
+    """Apply parsed operations to a copy of `document`.
+
+    Returns (new_document, member_changes); member_changes is a list of
+    ("add", [(id, type)]), ("remove", [ids]), ("remove_where", tree) and
+    ("clear",) for the members table, in request order.
+    """
+    document = copy.deepcopy(document)
+    member_changes = []
+    for number, (op, path_text, value, has_value) in enumerate(operations, 1):
+        try:
+            if path_text is not None:
+                _apply_at_path(resource_type, document, op, path_text, value, has_value, member_changes)
+                continue
+            # "If omitted, the target location is assumed to be the resource
+            # itself. The "value" parameter contains a set of attributes".
+            if op == "remove":
+                raise ScimError(400, "noTarget", "remove needs a path")
+            if not isinstance(value, dict):
+                raise ScimError(400, "invalidValue", "%s without a path needs an object value" % op)
+            for key, item in value.items():
+                if key.lower() == "schemas":
+                    continue
+                schema = resource_type.schema_by_urn(key)
+                if schema is not None and schema is not resource_type.schema and isinstance(item, dict):
+                    for name, sub_item in item.items():
+                        _apply_at_path(resource_type, document, op, "%s:%s" % (schema.id, name),
+                                       sub_item, True, member_changes)
+                elif is_custom_extension(resource_type, key) and isinstance(item, dict):
+                    for name, sub_item in item.items():
+                        _apply_at_path(resource_type, document, op, "%s:%s" % (key, name),
+                                       sub_item, True, member_changes)
+                else:
+                    _apply_at_path(resource_type, document, op, key, item, True, member_changes)
+        except ScimError as exc:
+            exc.detail = "operation %d (%s%s): %s" % (number, op, " " + path_text if path_text else "",
+                                                       exc.detail)
+            raise
+    check_required(resource_type, document)
+    return document, member_changes
+
+
+def _apply_at_path(resource_type, document, op, path_text, value, has_value, member_changes):
+    patch_path = parse_path(resource_type, path_text)
+    path = patch_path.path
+    attribute = path.attribute
+    for target in (attribute, path.sub_attribute, patch_path.filter_sub):
+        if target is not None and target.mutability == "readOnly":
+            raise ScimError(400, "mutability", "%s is read-only" % path_text)
+    if resource_type is GROUP and attribute.name == "members":
+        _apply_members(op, patch_path, value, has_value, member_changes)
+        return
+    if op != "remove" and not has_value:
+        raise ScimError(400, "invalidValue", "%s needs a value" % op)
+    # An extension object lives under its URN, matched case-insensitively.
+    urn = None if path.core else next((k for k in document if k.lower() == path.urn.lower()), path.urn)
+    container = document if path.core else document.setdefault(urn, {})
+    if not path.core and resource_type.schema_by_urn(urn) is None:
+        # A custom extension's attribute keeps the name it was first stored under.
+        key = next((k for k in container if k.lower() == attribute.name.lower()), attribute.name)
+        _apply_custom(op, container, key, value, path_text)
+        if not container:
+            document.pop(urn, None)
+        return
+    key = attribute.name
+    if attribute.multi_valued:
+        _apply_multi_valued(op, container, key, patch_path, value, has_value)
+    elif attribute.type == "complex":
+        _apply_complex(op, container, key, patch_path, value, has_value)
+    else:
+        if op == "remove":
+            container.pop(key, None)
+        else:
+            _set_or_drop(container, key, coerce_value(attribute, value, path_text))
+    if not path.core and not container:
+        document.pop(urn, None)
+
+
+def _set_or_drop(container, key, value):
+    if value is None:
+        container.pop(key, None)   # null is "unassigned" (RFC 7643 §2.5)
+    else:
+        container[key] = value
+
+
+def _apply_custom(op, container, key, value, where):
+    if op == "remove":
+        container.pop(key, None)
+    else:
+        _set_or_drop(container, key, coerce_custom(value, where))
+
+
+def _apply_complex(op, container, key, patch_path, value, has_value):
+    """A single-valued complex attribute: name, or the enterprise manager."""
+    attribute = patch_path.path.attribute
+    current = container.get(key)
+    sub = patch_path.path.sub_attribute or patch_path.filter_sub
+    if patch_path.value_filter is not None:
+        # manager[value eq "id"]: acts only when the current value matches.
+        if current is None or not filter_matches(patch_path.value_filter, current, attribute):
+            if op == "remove":
+                return
+            raise ScimError(400, "noTarget", "no %s matches the filter" % attribute.name)
+    if sub is not None:
+        current = dict(current or {})
+        if op == "remove":
+            current.pop(sub.name, None)
+        else:
+            _set_or_drop(current, sub.name, coerce_value(sub, value, "%s.%s" % (attribute.name, sub.name)))
+        _set_or_drop(container, key, current or None)
+        return
+    if op == "remove":
+        if has_value and value is not None and current is not None:
+            # Remove-with-value clears the manager only if it is that manager.
+            wanted = coerce_value(attribute, value, attribute.name) or {}
+            if wanted.get("value") is not None and wanted.get("value") != current.get("value"):
+                return
+        container.pop(key, None)
+        return
+    new = coerce_value(attribute, value, attribute.name)
+    if new is None:
+        container.pop(key, None)
+    elif current is None or "value" in new:
+        # An object with its own `value` (a manager) is a new reference, not
+        # a change to the old one's sub-attributes.
+        container[key] = new
+    else:
+        # "Sub-attributes that are not specified in the value parameter are
+        # left unchanged" (RFC 7644 §3.5.2.3).
+        merged = dict(current)
+        merged.update(new)
+        container[key] = merged
+
+
+def _apply_multi_valued(op, container, key, patch_path, value, has_value):
+    attribute = patch_path.path.attribute
+    items = list(container.get(key) or [])
+    sub = patch_path.path.sub_attribute or patch_path.filter_sub
+    value_filter = patch_path.value_filter
+    where = attribute.name
+    if value_filter is None and sub is None:
+        if op == "remove":
+            if has_value and value is not None:
+                # Entra removes listed values: {"op":"Remove","path":"emails","value":[...]}.
+                unwanted = coerce_value(attribute, value, where) or []
+                keys = [_item_identity(item) for item in unwanted]
+                items = [item for item in items if _item_identity(item) not in keys]
+            else:
+                items = []
+        else:
+            new_items = coerce_value(attribute, value, where) or []
+            if op == "replace":
+                items = new_items
+            else:
+                # "If the target location specifies a multi-valued attribute,
+                # a new value is added to the attribute"; an identical value
+                # is not added twice.
+                items = items + [item for item in new_items if item not in items]
+            _one_primary(items, new_items)
+        _set_or_drop(container, key, items or None)
+        return
+    matched = [i for i, item in enumerate(items)
+               if value_filter is None or filter_matches(value_filter, item, attribute)]
+    if op == "remove":
+        if sub is None:
+            items = [item for i, item in enumerate(items) if i not in matched]
+        else:
+            for i in matched:
+                if has_value and value is not None and items[i].get(sub.name) != value:
+                    continue   # a Remove carrying a value removes only that value (R29)
+                items[i] = {k: v for k, v in items[i].items() if k != sub.name}
+            # An entry without its value (a bare {"type": "work"}) is no entry.
+            if attribute.sub("value") is not None:
+                items = [item for item in items if "value" in item]
+            items = [item for item in items if item]
+        _set_or_drop(container, key, items or None)
+        return
+    if sub is not None:
+        new_sub = coerce_value(sub, value, "%s.%s" % (where, sub.name))
+        if not matched:
+            seed = _filter_seed(value_filter, attribute)
+            if seed is None:
+                raise ScimError(400, "noTarget", "no %s value matches the filter" % where)
+            # Entra's Add/Replace on emails[type eq "work"].value for a user
+            # without a work e-mail creates it (R29).
+            items.append(seed)
+            matched = [len(items) - 1]
+        for i in matched:
+            items[i] = dict(items[i])
+            _set_or_drop(items[i], sub.name, new_sub)
+        new_items = [items[i] for i in matched] if sub.name == "primary" and new_sub else []
+    else:
+        new_item = coerce_single(attribute, value, where)
+        if new_item is None:
+            raise ScimError(400, "invalidValue", "%s needs an object value" % op)
+        if not matched:
+            seed = _filter_seed(value_filter, attribute) if value_filter is not None else {}
+            if seed is None:
+                raise ScimError(400, "noTarget", "no %s value matches the filter" % where)
+            items.append(seed)
+            matched = [len(items) - 1]
+        for i in matched:
+            if op == "replace" and value_filter is not None:
+                # "all matching record values SHALL be replaced".
+                items[i] = dict(new_item)
+            else:
+                items[i] = dict(items[i], **new_item)
+        new_items = [items[i] for i in matched]
+    _one_primary(items, new_items)
+    _set_or_drop(container, key, [item for item in items if item] or None)
+
+
+def _item_identity(item):
+    return item.get("value", item) if isinstance(item, dict) else item
+
+
+def _filter_seed(value_filter, attribute):
+    """The item a filter of eq-comparisons describes ({"type": "work"}), or
+    None when the filter is anything else and so cannot be built from."""
+    terms = value_filter[1] if value_filter[0] == "and" else [value_filter]
+    seed = {}
+    for term in terms:
+        if term[0] != "cmp" or term[2] != "eq" or term[3] is None:
+            return None
+        sub = attribute.sub(term[1].rpartition(":")[2])
+        if sub is None:
+            raise invalid_path("unknown attribute %r in %s" % (term[1], attribute.name))
+        seed[sub.name] = coerce_single(sub, term[3], "%s.%s" % (attribute.name, sub.name))
+    return seed
+
+
+def _one_primary(items, new_items):
+    """RFC 7644 §3.5.2: setting "primary" to true on one value "SHALL cause
+    the server to automatically set 'primary' to 'false' for any other values"."""
+    chosen = next((item for item in new_items if isinstance(item, dict) and item.get("primary") is True), None)
+    if chosen is None:
+        return
+    for i, item in enumerate(items):
+        if item is not chosen and isinstance(item, dict) and item.get("primary") is True:
+            items[i] = dict(item, primary=False)
+
+
+def _apply_members(op, patch_path, value, has_value, member_changes):
+    """Group membership: changes for the members table, never a list in memory."""
+    attribute = patch_path.path.attribute
+    if patch_path.path.sub_attribute is not None or patch_path.filter_sub is not None:
+        raise invalid_path("members can only be changed as a whole value, not %s.%s" % (
+            attribute.name, (patch_path.path.sub_attribute or patch_path.filter_sub).name))
+    if patch_path.value_filter is not None:
+        if op == "add":
+            raise invalid_path("add takes no filter on members; use path \"members\"")
+        member_changes.append(("remove_where", patch_path.value_filter))
+        if op == "remove":
+            return
+    elif op == "remove":
+        if has_value and value is not None:
+            # Entra: {"op":"Remove","path":"members","value":[{"value":"id"}]}
+            # removes only the listed members (R40), never all of them.
+            member_changes.append(("remove", [member["value"] for member in _member_values(value)]))
+        else:
+            member_changes.append(("clear",))
+        return
+    elif op == "replace":
+        member_changes.append(("clear",))
+    if not has_value:
+        raise ScimError(400, "invalidValue", "%s needs a value" % op)
+    member_changes.append(("add", [(m["value"], m.get("type")) for m in _member_values(value)]))
+
+
+def _member_values(value):
+    attribute = GROUP_SCHEMA.attribute("members")
+    values = value if isinstance(value, list) else [value]
+    members = []
+    for item in values:
+        if isinstance(item, str):
+            item = {"value": item}
+        member = coerce_single(attribute, item, "members")
+        if not member or not isinstance(member.get("value"), str) or not member["value"]:
+            raise ScimError(400, "invalidValue", "each member needs a \"value\" with the member's id")
+        if member.get("type") not in (None, "User", "Group"):
+            raise ScimError(400, "invalidValue", "member type must be User or Group")
+        members.append(member)
+    return members
+
+
+# ============================================================================
+# 8. Operations
+# ============================================================================
+#
+# One function per SCIM operation. Bodies are parsed and validated before a
+# transaction begins; inside `store.write()` there is only read, apply,
+# write. This is the only section that opens transactions.
+
+@dataclasses.dataclass(frozen=True)
+class ListQuery:
+    """The query parameters of RFC 7644 §3.4.2 (GET) or a SearchRequest (POST)."""
+
+    filter: str = None
+    sort_by: str = None
+    descending: bool = False
+    start_index: int = 1
+    count: int = DEFAULT_PAGE_SIZE
+    attributes: tuple = ()
+    excluded: tuple = ()
+
+
+def _row_for(resource_type, resource_id, document, now, version, created=None, password=None):
+    """The columns of a users/groups row for `document`."""
+    row = {"id": resource_id}
+    if resource_type is USER:
+        row.update(user_name=document["userName"], user_name_key=fold(document["userName"]),
+                   display_name=document.get("displayName"),
+                   active=None if "active" not in document else int(document["active"]))
+        if password is not None:
+            row["password_digest"] = password
+    else:
+        row.update(display_name=document["displayName"], display_name_key=fold(document["displayName"]))
+    row.update(external_id=document.get("externalId"), last_modified=now, version=version,
+               document=json.dumps(document, ensure_ascii=False, separators=(",", ":")))
+    if created is not None:
+        row["created"] = created
+    return row
+
+
+def _take_password(document):
+    """Pop User.password from a document and return its digest (None if absent)."""
+    password = document.pop("password", None)
+    return None if password is None else password_digest(password)
+
+
+def _take_members(resource_type, document):
+    if resource_type is not GROUP:
+        return None
+    members = document.pop("members", None)
+    return [(m["value"], m.get("type")) for m in _member_values(members)] if members else []
+
+
+def _check_if_match(if_match, row):
+    """RFC 7644 §3.14: a stale If-Match gets 412 Precondition Failed."""
+    if if_match is None:
+        return
+    current = weak_etag(row["version"]).replace("W/", "")
+    tags = [tag.strip().replace("W/", "") for tag in if_match.split(",")]
+    if "*" not in tags and current not in tags:
+        raise ScimError(412, None, "the resource has changed: version is now %s" % weak_etag(row["version"]))
+
+
+def _load(tx, resource_type, resource_id):
+    row = tx.get_resource(resource_type.table, resource_id)
+    if row is None:
+        raise not_found(resource_type.name, resource_id)
+    return row
+
+
+def _add_members(tx, group_id, members):
+    """Add (id, type) members; every one must exist, or nothing is added."""
+    if not members:
+        return 0
+    found = tx.member_types({member_id for member_id, _ in members})
+    missing = sorted({member_id for member_id, _ in members if member_id not in found})
+    if missing:
+        raise ScimError(400, "invalidValue", "no user or group with id %s" % ", ".join(
+            json.dumps(m) for m in missing[:10]))
+    for member_id, member_type in members:
+        if member_type is not None and member_type != found[member_id]:
+            raise ScimError(400, "invalidValue", "%s is a %s, not a %s" % (
+                member_id, found[member_id], member_type))
+        if member_id == group_id:
+            raise ScimError(400, "invalidValue", "a group cannot be a member of itself")
+    return tx.add_members(group_id, [(member_id, found[member_id]) for member_id, _ in members])
+
+
+def _apply_member_changes(tx, group_id, changes):
+    changed = 0
+    for change in changes:
+        if change[0] == "add":
+            changed += _add_members(tx, group_id, change[1])
+        elif change[0] == "remove":
+            changed += tx.remove_members(group_id, change[1])
+        elif change[0] == "remove_where":
+            where, params = member_filter_to_sql(change[1])
+            changed += tx.remove_members_where(group_id, where, params)
+        else:
+            changed += tx.clear_members(group_id)
+    return changed
+
+
+def _render_loaded(tx, resource_type, row, base_url, projection):
+    """Render one row, loading members or groups only when the response shows them."""
+    members = groups = None
+    if resource_type is GROUP and projection.wants("members"):
+        members = tx.group_members(row["id"])
+    if resource_type is USER and projection.wants("groups"):
+        groups = tx.groups_of([row["id"]])[row["id"]]
+    return projection.apply(render_resource(resource_type, row, base_url, members, groups))
+
+
+def create_resource(store, resource_type, body, base_url):
+    """POST: a new user or group (RFC 7644 §3.3). Returns the resource."""
+    document = canonical_document(resource_type, body)
+    check_required(resource_type, document)
+    members = _take_members(resource_type, document)
+    password = _take_password(document) if resource_type is USER else None
+    resource_id = str(uuid.uuid4())
+    now = utc_now()
+    row = _row_for(resource_type, resource_id, document, now, 1, created=now, password=password)
+    with store.write() as tx:
+        (tx.insert_user if resource_type is USER else tx.insert_group)(row)
+        if members:
+            _add_members(tx, resource_id, members)
+        return _render_loaded(tx, resource_type, tx.get_resource(resource_type.table, resource_id),
+                              base_url, Projection(resource_type))
+
+
+def get_resource(store, resource_type, resource_id, base_url, projection):
+    with store.read() as tx:
+        return _render_loaded(tx, resource_type, _load(tx, resource_type, resource_id), base_url, projection)
+
+
+def replace_resource(store, resource_type, resource_id, body, base_url, if_match=None):
+    """PUT (RFC 7644 §3.5.1): the body replaces every client-writable attribute;
+    readOnly attributes in it are ignored. A group's members become exactly
+    the listed ones. A user's password is kept unless the body sets one."""
+    document = canonical_document(resource_type, body)
+    check_required(resource_type, document)
+    members = _take_members(resource_type, document)
+    password = _take_password(document) if resource_type is USER else None
+    with store.write() as tx:
+        current = _load(tx, resource_type, resource_id)
+        _check_if_match(if_match, current)
+        row = _row_for(resource_type, resource_id, document, utc_now(), current["version"] + 1,
+                       password=password)
+        tx.update_resource(resource_type.table, resource_id, row)
+        if resource_type is GROUP:
+            tx.clear_members(resource_id)
+            _add_members(tx, resource_id, members)
+        return _render_loaded(tx, resource_type, tx.get_resource(resource_type.table, resource_id),
+                              base_url, Projection(resource_type))
+
+
+def patch_resource(store, resource_type, resource_id, body, base_url, if_match=None, projection=None):
+    """PATCH (RFC 7644 §3.5.2): all operations apply or none do.
+
+    Returns the resource (projected) when `projection` is given, else None:
+    a group PATCH answers 204 unless the client asked for attributes, so it
+    never reads the member list.
+    """
+    operations = read_patch_request(body)
+    with store.write() as tx:
+        current = _load(tx, resource_type, resource_id)
+        _check_if_match(if_match, current)
+        document, member_changes = apply_patch(resource_type, json.loads(current["document"]), operations)
+        password = _take_password(document) if resource_type is USER else None
+        changed = _apply_member_changes(tx, resource_id, member_changes) if member_changes else 0
+        if document != json.loads(current["document"]) or password is not None or changed:
+            row = _row_for(resource_type, resource_id, document, utc_now(), current["version"] + 1,
+                           password=password)
+            tx.update_resource(resource_type.table, resource_id, row)
+        if projection is None:
+            return None
+        return _render_loaded(tx, resource_type, tx.get_resource(resource_type.table, resource_id),
+                              base_url, projection)
+
+
+def delete_resource(store, resource_type, resource_id, if_match=None):
+    """DELETE (RFC 7644 §3.6); the resource also leaves every group it was in."""
+    with store.write() as tx:
+        _check_if_match(if_match, _load(tx, resource_type, resource_id))
+        tx.delete_resource(resource_type.table, resource_id)
+
+
+def list_resources(store, resource_types, query, base_url):
+    """GET with a filter, or POST .search (RFC 7644 §3.4.2, §3.4.3): a ListResponse.
+
+    With several resource types (a query at the root), each contributes the
+    resources its attributes can match, users first.
+    """
+    tree = parse_filter(query.filter) if query.filter is not None else None
+    plans = []
+    first_error = None
+    for resource_type in resource_types:
+        try:
+            where, params = filter_to_sql(tree, resource_type) if tree is not None else ("1", [])
+            order = "%s.rowid" % resource_type.table
+            if query.sort_by:
+                expr = sort_expression(resource_type, query.sort_by)
+                direction = "DESC" if query.descending else "ASC"
+                order = "%s IS NULL, %s %s, %s" % (expr, expr, direction, order)
+        except ScimError as exc:
+            if len(resource_types) == 1:
+                raise
+            first_error = first_error or exc
+            continue
+        plans.append((resource_type, where, params, order))
+    if not plans:
+        raise first_error
+    resources = []
+    total = 0
+    offset = query.start_index - 1
+    with store.read() as tx:
+        for resource_type, where, params, order in plans:
+            matching = tx.count(resource_type.table, where, params)
+            wanted = query.count - len(resources)
+            if wanted > 0 and offset < matching:
+                rows = tx.select(resource_type.table, where, params, order, wanted, offset)
+                resources.extend(_render_page(tx, resource_type, rows, base_url, query))
+            offset = max(0, offset - matching)
+            total += matching
+    return {"schemas": [URN_LIST], "totalResults": total, "Resources": resources,
+            "startIndex": query.start_index, "itemsPerPage": len(resources)}
+
+
+def _render_page(tx, resource_type, rows, base_url, query):
+    projection = Projection(resource_type, query.attributes, query.excluded)
+    groups = {}
+    if resource_type is USER and projection.wants("groups"):
+        groups = tx.groups_of([row["id"] for row in rows])
+    page = []
+    for row in rows:
+        members = tx.group_members(row["id"]) if resource_type is GROUP and projection.wants("members") else None
+        page.append(projection.apply(render_resource(resource_type, row, base_url, members,
+                                                     groups.get(row["id"]))))
+    return page
+
+
+# -- tokens --------------------------------------------------------------------
+
+def create_token(store, name):
+    """A new bearer token named `name`; the token itself is returned once and never stored."""
+    if not name or not name.strip() or len(name) > 100:
+        raise ValueError("a token name must be 1 to 100 characters")
+    token = generate_token()
+    with store.write() as tx:
+        tx.insert_token(name.strip(), token_digest(token), utc_now())
+    return token
+
+
+class TokenCheck:
+    """Authenticates bearer tokens, recording each token's last use at most
+    once a minute so that reads do not become writes."""
+
+    def __init__(self, store):
+        self.store = store
+        self._touched = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, presented):
+        """The token's name, or None if `presented` is not a live token."""
+        with self.store.read() as tx:
+            found = match_token(presented, tx.live_tokens())
+        if found is None:
+            return None
+        name, digest = found
+        now = time.monotonic()
+        with self._lock:
+            due = now - self._touched.get(digest, -TOKEN_TOUCH_SECONDS) >= TOKEN_TOUCH_SECONDS
+            if due:
+                self._touched[digest] = now
+        if due:
+            with self.store.write() as tx:
+                tx.touch_token(digest, utc_now())
+        return name
+
+
+# ============================================================================
+# 9. SCIM HTTP
+# ============================================================================
+#
+# Handlers are a few lines: read the request, call section 8, respond. Every
+# failure leaves through `error_response`. Bottle is used for routing only:
+# its JSON body reader ignores application/scim+json and its error pages are
+# HTML (design.md §3), so bodies, query strings and errors are ours.
+
+_RESOURCE_SEGMENTS = {name.lower(): name for name in (
+    "Users", "Groups", "ServiceProviderConfig", "Schemas", "ResourceTypes", "Me", "Bulk", ".search")}
+_RESOURCE_SEGMENTS["serviceproviderconfigs"] = "ServiceProviderConfig"
+
+
+def json_bytes(value):
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def scim_response(status, body=None, headers=None):
+    response = bottle.HTTPResponse(status=status, body=b"" if body is None else json_bytes(body))
+    if body is not None:
+        response.set_header("Content-Type", SCIM_MEDIA_TYPE)
+    for name, value in (headers or {}).items():
+        response.set_header(name, value)
+    return response
+
+
+def error_response(error):
+    headers = {"WWW-Authenticate": 'Bearer realm="scim"'} if error.status == 401 else {}
+    return scim_response(error.status, error.to_json(), headers)
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+def _object_without_duplicates(pairs):
+    """JSON object hook: two keys equal but for case are ambiguous, since SCIM
+    attribute names are case-insensitive (RFC 7643 §2.1)."""
+    seen = set()
+    for key, _ in pairs:
+        folded = key.lower()
+        if folded in seen:
+            raise ValueError("duplicate key %r" % key)
+        seen.add(folded)
+    return dict(pairs)
+
+
+def _json_depth(value):
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        depth = max(depth, level)
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return depth
+
+
+def parse_json_body(raw):
+    """Bytes → JSON value, or ScimError(400, invalidSyntax) for anything not
+    strict, reasonably shallow UTF-8 JSON (NaN and Infinity included)."""
+    if not raw.strip():
+        raise ScimError(400, "invalidSyntax", "the request body is empty")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ScimError(400, "invalidSyntax", "the request body is not valid UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant,
+                           object_pairs_hook=_object_without_duplicates)
+    except RecursionError:
+        raise ScimError(400, "invalidSyntax", "the request body is nested too deeply") from None
+    except ValueError as exc:
+        raise ScimError(400, "invalidSyntax", "the request body is not valid JSON: %s" % exc) from None
+    if _json_depth(value) > MAX_JSON_DEPTH:
+        raise ScimError(400, "invalidSyntax", "the request body is nested deeper than %d levels"
+                        % MAX_JSON_DEPTH)
+    return value
+
+
+def read_request_body(environ, limit):
+    """The request's JSON body, read from wsgi.input with our own size limit."""
+    media_type = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+    if media_type and media_type not in ACCEPTED_MEDIA_TYPES:
+        raise ScimError(415, None, "send the body as application/scim+json or application/json")
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise ScimError(400, "invalidSyntax", "invalid Content-Length") from None
+    if length > limit:
+        raise ScimError(413, None, "the request body is larger than %d bytes" % limit)
+    raw = environ["wsgi.input"].read(length) if length > 0 else b""
+    return parse_json_body(raw)
+
+
+def read_query(environ):
+    """Query parameters, decoded as strict UTF-8 ('+' is a space, as Entra sends).
+
+    Parameter names are matched case-insensitively; invalid UTF-8 is an
+    error, never "no filter" (which would return every resource).
+    """
+    try:
+        pairs = urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True,
+                                       encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise ScimError(400, "invalidFilter", "the query string is not valid UTF-8") from None
+    return {name.lower(): value for name, value in pairs}
+
+
+def _integer_parameter(value, name, default):
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ScimError(400, "invalidValue", "%s must be an integer" % name)
+    try:
+        return int(value)
+    except ValueError:
+        raise ScimError(400, "invalidValue", "%s must be an integer, got %r" % (name, value)) from None
+
+
+def _name_list(value, name):
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise ScimError(400, "invalidValue", "%s must be a list of attribute names" % name)
+
+
+def make_list_query(params):
+    """A ListQuery from query parameters or a SearchRequest body (keys lower-cased).
+
+    RFC 7644 §3.4.2.4: "A value less than 1 SHALL be interpreted as 1" for
+    startIndex; for count "A negative value SHALL be interpreted as 0";
+    above MAX_PAGE_SIZE it is capped.
+    """
+    filter_text = params.get("filter")
+    if filter_text is not None and not isinstance(filter_text, str):
+        raise ScimError(400, "invalidFilter", "filter must be a string")
+    sort_by = params.get("sortby")
+    if sort_by is not None and (not isinstance(sort_by, str) or not sort_by.strip()):
+        raise ScimError(400, "invalidValue", "sortBy must name an attribute")
+    sort_order = params.get("sortorder") or "ascending"
+    if not isinstance(sort_order, str) or sort_order.lower() not in ("ascending", "descending"):
+        raise ScimError(400, "invalidValue", "sortOrder must be ascending or descending")
+    start_index = _integer_parameter(params.get("startindex"), "startIndex", 1)
+    count = _integer_parameter(params.get("count"), "count", DEFAULT_PAGE_SIZE)
+    return ListQuery(filter=filter_text, sort_by=sort_by, descending=sort_order.lower() == "descending",
+                     start_index=min(max(start_index, 1), 2 ** 62),
+                     count=min(max(count, 0), MAX_PAGE_SIZE),
+                     attributes=_name_list(params.get("attributes"), "attributes"),
+                     excluded=_name_list(params.get("excludedattributes"), "excludedAttributes"))
+
+
+def discovery_documents(base_url):
+    """The bodies of /ServiceProviderConfig, /ResourceTypes and /Schemas (RFC 7643 §5-7)."""
+    config = {
+        "schemas": [URN_SPC],
+        "patch": {"supported": True},
+        "bulk": {"supported": False, "maxOperations": 0, "maxPayloadSize": 0},
+        "filter": {"supported": True, "maxResults": MAX_PAGE_SIZE},
+        "changePassword": {"supported": True},
+        "sort": {"supported": True},
+        "etag": {"supported": True},
+        "authenticationSchemes": [{
+            "type": "oauthbearertoken", "name": "OAuth Bearer Token", "primary": True,
+            "description": "Authentication with a bearer token made on the appliance "
+                           "(`scim_appliance.py token create`)."}],
+        "meta": {"resourceType": "ServiceProviderConfig", "location": base_url + "/ServiceProviderConfig"},
+    }
+    resource_types = [{
+        "schemas": [URN_RESOURCE_TYPE], "id": rt.name, "name": rt.name, "endpoint": rt.endpoint,
+        "description": rt.description, "schema": rt.schema.id,
+        "schemaExtensions": [{"schema": ext.id, "required": required} for ext, required in rt.extensions],
+        "meta": {"resourceType": "ResourceType", "location": base_url + "/ResourceTypes/" + rt.name},
+    } for rt in RESOURCE_TYPES.values()]
+    schemas = [{
+        "schemas": [URN_SCHEMA], "id": schema.id, "name": schema.name, "description": schema.description,
+        "attributes": [attribute.to_json() for attribute in schema.attributes],
+        "meta": {"resourceType": "Schema", "location": base_url + "/Schemas/" + schema.id},
+    } for schema in ALL_SCHEMAS]
+    return config, resource_types, schemas
+
+
+def _list_of(resources):
+    return {"schemas": [URN_LIST], "totalResults": len(resources), "Resources": resources,
+            "startIndex": 1, "itemsPerPage": len(resources)}
+
+
+def make_scim_app(store, settings):
+    """The SCIM service as a WSGI application, mounted at /scim."""
+    app = bottle.Bottle(catchall=False)
+    base_url = settings.base_url
+    check_token = TokenCheck(store)
+    config, resource_types, schemas = discovery_documents(base_url)
+
+    def scim_route(path, method, authenticated=True):
+        """Register a handler; it runs only with a valid bearer token, and
+        whatever it raises becomes a SCIM error response."""
+        def decorate(handler):
+            def run(**kwargs):
+                try:
+                    if authenticated:
+                        authenticate()
+                    return handler(**kwargs)
+                except ScimError as error:
+                    return error_response(error)
+                except Exception:   # a bug: log it, tell the client nothing about it
+                    traceback.print_exc(file=sys.stderr)
+                    return error_response(ScimError(500, None, "internal server error"))
+            app.route("/scim" + path, method, run)
+            return handler
+        return decorate
+
+    def authenticate():
+        scheme, _, token = bottle.request.get_header("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ScimError(401, None, "send Authorization: Bearer <token>")
+        if check_token(token.strip()) is None:
+            raise ScimError(401, None, "the bearer token is not valid")
+
+    def body():
+        return read_request_body(bottle.request.environ, settings.max_body_bytes)
+
+    def query():
+        return read_query(bottle.request.environ)
+
+    def if_match():
+        return bottle.request.get_header("If-Match")
+
+    def resource_response(status, resource, extra=None):
+        headers = dict(extra or {})
+        version = resource.get("meta", {}).get("version")
+        if version:
+            headers["ETag"] = version
+        return scim_response(status, resource, headers)
+
+    def projection_of(resource_type, params):
+        return Projection(resource_type, _name_list(params.get("attributes"), "attributes"),
+                          _name_list(params.get("excludedattributes"), "excludedAttributes"))
+
+    # -- discovery (RFC 7644 §4; no authentication) --
+
+    @scim_route("/ServiceProviderConfig", "GET", authenticated=False)
+    def service_provider_config():
+        return scim_response(200, config)
+
+    @scim_route("/ResourceTypes", "GET", authenticated=False)
+    def list_resource_types():
+        return scim_response(200, _list_of(resource_types))
+
+    @scim_route("/ResourceTypes/<name>", "GET", authenticated=False)
+    def get_resource_type(name):
+        for document in resource_types:
+            if document["id"].lower() == name.lower():
+                return scim_response(200, document)
+        raise ScimError(404, None, "no resource type %s" % name)
+
+    @scim_route("/Schemas", "GET", authenticated=False)
+    def list_schemas():
+        return scim_response(200, _list_of(schemas))
+
+    @scim_route("/Schemas/<urn>", "GET", authenticated=False)
+    def get_schema(urn):
+        for document in schemas:
+            if document["id"].lower() == urn.lower():
+                return scim_response(200, document)
+        raise ScimError(404, None, "no schema %s" % urn)
+
+    # -- users and groups (RFC 7644 §3.3-3.6) --
+
+    for resource_type in RESOURCE_TYPES.values():
+        endpoint = resource_type.endpoint
+
+        @scim_route(endpoint, "POST")
+        def create(resource_type=resource_type):
+            resource = create_resource(store, resource_type, body(), base_url)
+            return resource_response(201, resource, {"Location": resource["meta"]["location"]})
+
+        @scim_route(endpoint, "GET")
+        def search_by_get(resource_type=resource_type):
+            return scim_response(200, list_resources(store, [resource_type], make_list_query(query()),
+                                                     base_url))
+
+        @scim_route(endpoint + "/.search", "POST")
+        def search_by_post(resource_type=resource_type):
+            return scim_response(200, list_resources(store, [resource_type], _search_request(body()),
+                                                     base_url))
+
+        @scim_route(endpoint + "/<resource_id>", "GET")
+        def read(resource_id, resource_type=resource_type):
+            resource = get_resource(store, resource_type, resource_id, base_url,
+                                    projection_of(resource_type, query()))
+            etag = resource.get("meta", {}).get("version")
+            none_match = bottle.request.get_header("If-None-Match")
+            if etag and none_match and etag.replace("W/", "") in none_match.replace("W/", "").split(", "):
+                return scim_response(304, None, {"ETag": etag})
+            return resource_response(200, resource)
+
+        @scim_route(endpoint + "/<resource_id>", "PUT")
+        def replace(resource_id, resource_type=resource_type):
+            return resource_response(200, replace_resource(store, resource_type, resource_id, body(),
+                                                           base_url, if_match()))
+
+        @scim_route(endpoint + "/<resource_id>", "PATCH")
+        def patch(resource_id, resource_type=resource_type):
+            params = query()
+            # Users answer 200 with the resource, as the SCIM Validator
+            # expects (R16); a group answers 204 unless attributes were asked
+            # for, so it never reads its members (R37, "Returning a body with
+            # a list of all the members isn't advisable").
+            wants_body = resource_type is USER or "attributes" in params or "excludedattributes" in params
+            resource = patch_resource(store, resource_type, resource_id, body(), base_url, if_match(),
+                                      projection_of(resource_type, params) if wants_body else None)
+            if resource is None:
+                return scim_response(204)
+            return resource_response(200, resource)
+
+        @scim_route(endpoint + "/<resource_id>", "DELETE")
+        def delete(resource_id, resource_type=resource_type):
+            delete_resource(store, resource_type, resource_id, if_match())
+            return scim_response(204)
+
+    @scim_route("/.search", "POST")
+    def search_everything():
+        return scim_response(200, list_resources(store, list(RESOURCE_TYPES.values()),
+                                                 _search_request(body()), base_url))
+
+    @scim_route("", "GET")
+    def query_everything():
+        return scim_response(200, list_resources(store, list(RESOURCE_TYPES.values()),
+                                                 make_list_query(query()), base_url))
+
+    for unsupported in ("/Me", "/Me/<rest:path>", "/Bulk"):
+        @scim_route(unsupported, ["GET", "POST", "PUT", "PATCH", "DELETE"])
+        def not_implemented(**_):
+            raise ScimError(501, None, "this endpoint is not implemented by scim-appliance")
+
+    def bottle_error(error):
+        # Bottle's own refusals (no route: 404, wrong method: 405) as SCIM errors.
+        bottle.response.content_type = SCIM_MEDIA_TYPE
+        detail = {404: "no such endpoint", 405: "method not allowed here"}.get(
+            error.status_code, "request failed")
+        return json_bytes(ScimError(error.status_code, None, detail).to_json())
+
+    app.default_error_handler = bottle_error
+
+    def scim_wsgi(environ, start_response):
+        """Normalise the path before bottle routes it: strict UTF-8, a
+        trailing slash dropped, endpoint names matched case-insensitively."""
+        try:
+            path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            return _wsgi_error(start_response, ScimError(400, "invalidSyntax", "the path is not valid UTF-8"))
+        segments = path.split("/")
+        if len(segments) > 2 and segments[1] == "scim":
+            segments[2] = _RESOURCE_SEGMENTS.get(segments[2].lower(), segments[2])
+            if len(segments) > 3 and segments[3].lower() == ".search":
+                segments[3] = ".search"
+        path = "/".join(segments)
+        if len(path) > 1 and path.endswith("/"):
+            path = path[:-1]
+        environ["PATH_INFO"] = path.encode("utf-8").decode("latin-1")
+        return app(environ, start_response)
+
+    return scim_wsgi
+
+
+def _search_request(body):
+    """POST .search (RFC 7644 §3.4.3): the SearchRequest's parameters."""
+    if not isinstance(body, dict):
+        raise ScimError(400, "invalidSyntax", "a SearchRequest must be a JSON object")
+    return make_list_query({key.lower(): value for key, value in body.items()})
+
+
+def _wsgi_error(start_response, error):
+    payload = json_bytes(error.to_json())
+    start_response("%d %s" % (error.status, "Bad Request"),
+                   [("Content-Type", SCIM_MEDIA_TYPE), ("Content-Length", str(len(payload)))])
+    return [payload]
+
+
+# ============================================================================
+# 10. Server and CLI
+# ============================================================================
+
+# (Settings field, flag, environment variable, type, help) for `serve`.
+SETTINGS_TABLE = (
+    ("db", "--db", "SCIM_APPLIANCE_DB", str, "SQLite database file (created if missing)"),
+    ("host", "--host", "SCIM_APPLIANCE_HOST", str, "address the SCIM listener binds to"),
+    ("port", "--port", "SCIM_APPLIANCE_PORT", int, "port of the SCIM listener"),
+    ("public_url", "--public-url", "SCIM_APPLIANCE_PUBLIC_URL", validate_public_url,
+     "URL clients reach the appliance at, e.g. https://scim.example.com; meta.location and "
+     "Location are built from it, never from request headers (default http://HOST:PORT)"),
+    ("threads", "--threads", "SCIM_APPLIANCE_THREADS", int, "worker threads"),
+    ("max_body_bytes", "--max-body-bytes", "SCIM_APPLIANCE_MAX_BODY_BYTES", int,
+     "largest accepted request body in bytes"),
+)
+
+
+def _add_setting(parser, field):
+    _, flag, variable, kind, text = next(row for row in SETTINGS_TABLE if row[0] == field)
+    default = getattr(Settings, field)
+    raw = os.environ.get(variable)
+    if raw is not None:
+        try:
+            default = kind(raw)
+        except ValueError as exc:
+            parser.error("%s=%r: %s" % (variable, raw, exc))
+    parser.add_argument(flag, dest=field, type=kind, default=default,
+                        help="%s [env %s; default %s]" % (text, variable, getattr(Settings, field) or "none"))
+
+
+def _positive(value, name):
+    if value < 1:
+        raise ValueError("%s must be at least 1" % name)
+    return value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="scim_appliance.py",
+        description="An on-premises SCIM 2.0 server for Microsoft Entra ID provisioning. "
+                    "Without a command, runs `serve` with its defaults.",
+        epilog="Every serve option can also be set with the environment variable shown beside it.")
+    parser.add_argument("--version", action="version", version="scim-appliance " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve_parser = commands.add_parser("serve", help="run the SCIM server")
+    for field, *_ in SETTINGS_TABLE:
+        _add_setting(serve_parser, field)
+    token = commands.add_parser("token", help="manage bearer tokens")
+    token_commands = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    create = token_commands.add_parser("create", help="make a token; prints it once on stdout")
+    create.add_argument("--name", required=True, help="what the token is for, e.g. entra")
+    listing = token_commands.add_parser("list", help="show tokens (never the tokens themselves)")
+    revoke = token_commands.add_parser("revoke", help="revoke a token by name")
+    revoke.add_argument("name")
+    for sub in (create, listing, revoke):
+        _add_setting(sub, "db")
+    return parser
+
+
+def serve(settings, out=sys.stdout):
+    """Run the SCIM listener until SIGTERM or Ctrl-C."""
+    import waitress.server
+
+    store = Store(settings.db)
+    app = make_scim_app(store, settings)
+    try:
+        server = waitress.server.create_server(
+            app, host=settings.host, port=settings.port, threads=settings.threads,
+            ident="scim-appliance", clear_untrusted_proxy_headers=True,
+            # Our own limit answers with a SCIM 413; waitress's is a backstop.
+            max_request_body_size=settings.max_body_bytes * 4)
+    except OSError as exc:
+        store.close()
+        raise SystemExit("scim-appliance: cannot listen on %s:%d: %s" % (settings.host, settings.port,
+                                                                         exc.strerror or exc))
+    if settings.port == 0:   # an ephemeral port: report the one we got
+        settings = dataclasses.replace(settings, port=server.effective_port)
+    print("SCIM endpoint: %s" % settings.base_url, file=out)
+    with store.read() as tx:
+        has_token = bool(tx.live_tokens())
+    if not has_token:
+        print("No bearer token exists yet. Make one for Entra's Secret Token field with:\n"
+              "  python scim_appliance.py token create --name entra --db %s" % settings.db, file=out)
+    out.flush()
+
+    def stop(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.run()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        server.close()
+        server.task_dispatcher.shutdown(timeout=5)
+        store.close()
+        print("scim-appliance stopped", file=out)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is None:
+        args = parser.parse_args(["serve"] + (sys.argv[1:] if argv is None else list(argv)))
+    try:
+        if args.command == "serve":
+            _positive(args.threads, "--threads")
+            _positive(args.max_body_bytes, "--max-body-bytes")
+            settings = Settings(**{field: getattr(args, field) for field, *_ in SETTINGS_TABLE})
+            serve(settings)
+            return 0
+        store = Store(args.db)
+        try:
+            if args.token_command == "create":
+                print(create_token(store, args.name))
+            elif args.token_command == "list":
+                with store.read() as tx:
+                    rows = tx.list_tokens()
+                print("%-24s %-26s %-26s %s" % ("NAME", "CREATED", "LAST USED", "STATUS"))
+                for name, created, last_used, revoked in rows:
+                    print("%-24s %-26s %-26s %s" % (name, created, last_used or "never",
+                                                    "revoked " + revoked if revoked else "active"))
+            elif args.token_command == "revoke":
+                with store.write() as tx:
+                    if not tx.revoke_token(args.name, utc_now()):
+                        raise ValueError("no active token named %r" % args.name)
+                print("revoked %s" % args.name, file=sys.stderr)
+        finally:
+            store.close()
+    except (ValueError, DatabaseError, sqlite3.Error) as exc:
+        print("scim-appliance: %s" % exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
