@@ -104,7 +104,9 @@ def _url_host(host):
 
 
 def validate_public_url(value):
-    """A public URL is an absolute http(s) URL without query or fragment."""
+    """A public URL is an absolute http(s) URL without query or fragment ("" = unset)."""
+    if not value:
+        return ""
     parts = urllib.parse.urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
         raise ValueError("public URL must look like https://scim.example.com[/prefix]: %r" % value)
@@ -2510,7 +2512,8 @@ def _list_of(resources):
 
 def make_scim_app(store, settings):
     """The SCIM service as a WSGI application, mounted at /scim."""
-    app = bottle.Bottle(catchall=False)
+    app = bottle.Bottle()
+    app.config["catchall"] = False   # our handlers catch everything themselves
     base_url = settings.base_url
     check_token = TokenCheck(store)
     config, resource_types, schemas = discovery_documents(base_url)

@@ -1,0 +1,223 @@
+"""Shared fixtures: a database in tmp_path, a token, the SCIM app under
+webtest (wrapped exactly as `serve` wraps it), and a real server process."""
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import webtest
+
+import scim_appliance
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PUBLIC_URL = "https://scim.example.com"
+SCIM_JSON = "application/scim+json; charset=utf-8"   # what Entra sends (R3)
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return scim_appliance.Settings(db=str(tmp_path / "scim.db"), public_url=PUBLIC_URL)
+
+
+@pytest.fixture
+def store(settings):
+    store = scim_appliance.Store(settings.db)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def token(store):
+    return scim_appliance.create_token(store, "entra")
+
+
+@pytest.fixture
+def wsgi_app(store, settings):
+    return scim_appliance.make_scim_app(store, settings)
+
+
+class ScimClient:
+    """webtest with a bearer token and SCIM bodies: `client.post("/Users", {...})`.
+
+    Paths are relative to /scim. Every call returns the webtest response;
+    `status` is asserted by webtest (pass "*" to accept anything).
+    """
+
+    def __init__(self, app, token):
+        self.app = app
+        self.token = token
+
+    def request(self, method, path, body=None, status=None, headers=None, raw=None,
+                content_type=SCIM_JSON):
+        all_headers = {}
+        if self.token is not None:
+            all_headers["Authorization"] = "Bearer " + self.token
+        if body is not None or raw is not None:
+            all_headers["Content-Type"] = content_type
+        all_headers.update(headers or {})
+        payload = raw if raw is not None else (b"" if body is None else json.dumps(body).encode("utf-8"))
+        return self.app.request("/scim" + path, method=method, body=payload, headers=all_headers,
+                                status=status, expect_errors=status is not None)
+
+    def get(self, path, status=200, **kw):
+        return self.request("GET", path, status=status, **kw)
+
+    def post(self, path, body, status=201, **kw):
+        return self.request("POST", path, body, status=status, **kw)
+
+    def put(self, path, body, status=200, **kw):
+        return self.request("PUT", path, body, status=status, **kw)
+
+    def patch(self, path, operations, status=None, **kw):
+        body = {"schemas": [scim_appliance.URN_PATCH], "Operations": operations}
+        return self.request("PATCH", path, body, status=status, **kw)
+
+    def delete(self, path, status=204, **kw):
+        return self.request("DELETE", path, status=status, **kw)
+
+    # Shorthands for the common resources.
+
+    def create_user(self, user_name, **attributes):
+        body = {"schemas": [scim_appliance.URN_USER], "userName": user_name}
+        body.update(attributes)
+        return self.post("/Users", body).json
+
+    def create_group(self, display_name, **attributes):
+        body = {"schemas": [scim_appliance.URN_GROUP], "displayName": display_name}
+        body.update(attributes)
+        return self.post("/Groups", body).json
+
+
+@pytest.fixture
+def client(wsgi_app, token):
+    """An authenticated SCIM client (webtest, in process)."""
+    return ScimClient(webtest.TestApp(wsgi_app), token)
+
+
+@pytest.fixture
+def anonymous(wsgi_app):
+    """A SCIM client that sends no Authorization header."""
+    return ScimClient(webtest.TestApp(wsgi_app), None)
+
+
+@pytest.fixture
+def db(settings, store):
+    """A separate read-only connection to the database, to check what was stored."""
+    conn = sqlite3.connect("file:%s?mode=ro" % settings.db, uri=True)
+    conn.row_factory = sqlite3.Row
+    yield conn
+    conn.close()
+
+
+def stored_document(db, table, resource_id):
+    """The JSON document stored for a user or group (None if there is no row)."""
+    row = db.execute("SELECT document FROM %s WHERE id = ?" % table, (resource_id,)).fetchone()
+    return None if row is None else json.loads(row["document"])
+
+
+def stored_members(db, group_id):
+    """The set of member ids stored for a group."""
+    return {r[0] for r in db.execute("SELECT member_id FROM members WHERE group_id = ?", (group_id,))}
+
+
+# -- a real server process ------------------------------------------------------
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli(*args, env=None, check=True, timeout=30):
+    """Run `python scim_appliance.py ARGS` and return the CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scim_appliance.py")] + list(args),
+                            capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError("CLI %s failed (%d): %s" % (args, result.returncode, result.stderr))
+    return result
+
+
+class LiveServer:
+    """`python scim_appliance.py serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, db_path, extra_args=(), env=None):
+        self.db_path = db_path
+        self.port = free_port()
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "scim_appliance.py"), "serve", "--db", db_path,
+             "--port", str(self.port)] + list(extra_args),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT)
+        self.banner = self._wait_until_listening()
+        self.url = "http://127.0.0.1:%d/scim" % self.port
+        self.token = None
+
+    def _wait_until_listening(self):
+        deadline = time.monotonic() + 20
+        lines = []
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                raise AssertionError("server exited: %s %s" % ("".join(lines), self.process.stderr.read()))
+            lines.append(line)
+            if line.startswith("SCIM endpoint:"):
+                break
+        # The banner is printed once the socket is bound; wait until it accepts.
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return "".join(lines)
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("server did not start: %s" % "".join(lines))
+
+    def request(self, method, path, body=None, token=None, headers=None):
+        """(status, headers, parsed JSON or None) for one request over real HTTP."""
+        all_headers = {"Content-Type": SCIM_JSON} if body is not None else {}
+        token = token if token is not None else self.token
+        if token:
+            all_headers["Authorization"] = "Bearer " + token
+        all_headers.update(headers or {})
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=all_headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                raw = response.read()
+                return response.status, response.headers, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as error:
+            raw = error.read()
+            return error.code, error.headers, json.loads(raw) if raw else None
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        output = self.process.stdout.read() + self.process.stderr.read()
+        self.process.stdout.close()
+        self.process.stderr.close()
+        return output
+
+
+@pytest.fixture
+def live_server(tmp_path):
+    """A real server on a fresh database, with a token made by `token create`."""
+    db_path = str(tmp_path / "live.db")
+    token = run_cli("token", "create", "--name", "entra", "--db", db_path).stdout.strip()
+    server = LiveServer(db_path)
+    server.token = token
+    yield server
+    server.stop()
