@@ -834,10 +834,10 @@ def resolve_attribute(resource_type, urn, name, sub=None, custom_ok=False):
     if urn is not None:
         schema = resource_type.schema_by_urn(urn)
         if schema is None:
-            if custom_ok and urn.lower().startswith("urn:") and not urn.lower().startswith(
-                    ("urn:ietf:params:scim:schemas:core:", "urn:ietf:params:scim:api:")):
-                if sub is not None:
-                    return None
+            # "urn:...:enterprise:2.0:User" names a schema, not attribute
+            # "User" of a custom "urn:...:enterprise:2.0".
+            if custom_ok and sub is None and is_custom_extension(resource_type, urn) \
+                    and resource_type.schema_by_urn(urn + ":" + name) is None:
                 return AttributePath(urn, Attribute(name, case_exact=False), None, core=False)
             return None
         candidates = [schema]
@@ -1765,6 +1765,16 @@ def apply_patch(resource_type, document, operations):
     member_changes = []
     for number, (op, path_text, value, has_value) in enumerate(operations, 1):
         try:
+            urn = path_text and _extension_urn(resource_type, document, path_text, value)
+            if urn:
+                # The path is a whole extension ("urn:...:enterprise:2.0:User").
+                if op == "remove":
+                    document.pop(next((k for k in document if k.lower() == urn.lower()), urn), None)
+                elif isinstance(value, dict):
+                    _apply_to_extension(resource_type, document, op, urn, value, member_changes)
+                else:
+                    raise ScimError(400, "invalidValue", "%s of an extension needs an object value" % op)
+                continue
             if path_text is not None:
                 _apply_at_path(resource_type, document, op, path_text, value, has_value, member_changes)
                 continue
@@ -1777,15 +1787,8 @@ def apply_patch(resource_type, document, operations):
             for key, item in value.items():
                 if key.lower() == "schemas":
                     continue
-                schema = resource_type.schema_by_urn(key)
-                if schema is not None and schema is not resource_type.schema and isinstance(item, dict):
-                    for name, sub_item in item.items():
-                        _apply_at_path(resource_type, document, op, "%s:%s" % (schema.id, name),
-                                       sub_item, True, member_changes)
-                elif is_custom_extension(resource_type, key) and isinstance(item, dict):
-                    for name, sub_item in item.items():
-                        _apply_at_path(resource_type, document, op, "%s:%s" % (key, name),
-                                       sub_item, True, member_changes)
+                if _extension_urn(resource_type, document, key, item) and isinstance(item, dict):
+                    _apply_to_extension(resource_type, document, op, key, item, member_changes)
                 else:
                     _apply_at_path(resource_type, document, op, key, item, True, member_changes)
         except ScimError as exc:
@@ -1794,6 +1797,25 @@ def apply_patch(resource_type, document, operations):
             raise
     check_required(resource_type, document)
     return document, member_changes
+
+
+def _extension_urn(resource_type, document, text, value):
+    """`text` if it names a whole extension: a known extension schema, or a
+    custom one the document holds or `value` is an object for; else None."""
+    schema = resource_type.schema_by_urn(text)
+    if schema is not None and schema is not resource_type.schema:
+        return schema.id
+    if is_custom_extension(resource_type, text) and (
+            isinstance(value, dict) or any(k.lower() == text.lower() for k in document)):
+        return text
+    return None
+
+
+def _apply_to_extension(resource_type, document, op, urn, value, member_changes):
+    """add/replace on an extension object: each of its attributes in turn."""
+    for name, item in value.items():
+        if name.lower() != "schemas":
+            _apply_at_path(resource_type, document, op, "%s:%s" % (urn, name), item, True, member_changes)
 
 
 def _apply_at_path(resource_type, document, op, path_text, value, has_value, member_changes):
@@ -2241,7 +2263,10 @@ def list_resources(store, resource_types, query, base_url):
             if query.sort_by:
                 expr = sort_expression(resource_type, query.sort_by)
                 direction = "DESC" if query.descending else "ASC"
-                order = "%s IS NULL, %s %s, %s" % (expr, expr, direction, order)
+                # "if there is no data for the specified "sortBy" value, they
+                # are ... ordered last if ascending and first if descending"
+                # (RFC 7644 §3.4.2.3).
+                order = "(%s IS NULL) %s, %s %s, %s" % (expr, direction, expr, direction, order)
         except ScimError as exc:
             if len(resource_types) == 1:
                 raise
