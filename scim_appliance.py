@@ -949,9 +949,12 @@ def coerce_custom(value, where):
 
 
 def is_custom_extension(resource_type, urn):
-    return (urn.lower().startswith("urn:") and resource_type.schema_by_urn(urn) is None
-            and not urn.lower().startswith(("urn:ietf:params:scim:schemas:core:",
-                                            "urn:ietf:params:scim:api:")))
+    """Whether `urn` may name an extension we have no schema for: a URN that
+    is neither a known schema, nor an attribute of one, nor reserved."""
+    folded = urn.lower()
+    return (folded.startswith("urn:") and resource_type.schema_by_urn(urn) is None
+            and resource_type.schema_by_urn(urn.rpartition(":")[0]) is None
+            and not folded.startswith(("urn:ietf:params:scim:schemas:core:", "urn:ietf:params:scim:api:")))
 
 
 def canonical_document(resource_type, body):
