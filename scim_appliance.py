@@ -1937,7 +1937,7 @@ def _apply_multi_valued(op, container, key, patch_path, value, has_value):
                 # a new value is added to the attribute"; an identical value
                 # is not added twice.
                 items = items + [item for item in new_items if item not in items]
-            _one_primary(items, new_items)
+            _one_primary(items, [items.index(item) for item in new_items])
         _set_or_drop(container, key, items or None)
         return
     matched = [i for i, item in enumerate(items)
@@ -1969,7 +1969,6 @@ def _apply_multi_valued(op, container, key, patch_path, value, has_value):
         for i in matched:
             items[i] = dict(items[i])
             _set_or_drop(items[i], sub.name, new_sub)
-        new_items = [items[i] for i in matched] if sub.name == "primary" and new_sub else []
     else:
         new_item = coerce_single(attribute, value, where)
         if new_item is None:
@@ -1986,8 +1985,7 @@ def _apply_multi_valued(op, container, key, patch_path, value, has_value):
                 items[i] = dict(new_item)
             else:
                 items[i] = dict(items[i], **new_item)
-        new_items = [items[i] for i in matched]
-    _one_primary(items, new_items)
+    _one_primary(items, matched)
     _set_or_drop(container, key, [item for item in items if item] or None)
 
 
@@ -2010,14 +2008,19 @@ def _filter_seed(value_filter, attribute):
     return seed
 
 
-def _one_primary(items, new_items):
+def _one_primary(items, touched):
     """RFC 7644 §3.5.2: setting "primary" to true on one value "SHALL cause
-    the server to automatically set 'primary' to 'false' for any other values"."""
-    chosen = next((item for item in new_items if isinstance(item, dict) and item.get("primary") is True), None)
+    the server to automatically set 'primary' to 'false' for any other values".
+
+    `touched` are the positions this operation wrote; the last of them that
+    is primary stays primary.
+    """
+    chosen = next((i for i in reversed(touched) if isinstance(items[i], dict)
+                   and items[i].get("primary") is True), None)
     if chosen is None:
         return
     for i, item in enumerate(items):
-        if item is not chosen and isinstance(item, dict) and item.get("primary") is True:
+        if i != chosen and isinstance(item, dict) and item.get("primary") is True:
             items[i] = dict(item, primary=False)
 
 
