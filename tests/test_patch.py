@@ -1327,3 +1327,48 @@ def test_group_can_have_a_group_member_and_rejects_itself(client, db, group):
     assert_scim_error(client.patch("/Groups/" + group["id"], [{"op": "Add", "path": "members", "value": [
         {"value": group["id"]}]}], status=400), 400, "invalidValue")
     assert group_state(db, group["id"]) == before
+
+
+# ---------------------------------------------------------------------------
+# A path that names a whole extension (found by scim2-tester against a live
+# server: such a path was once stored as a bogus custom extension)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["add", "replace"])
+def test_path_naming_the_enterprise_extension_sets_its_attributes(client, db, user, manager, op):
+    """RFC 7644 §3.5.2: the target may be an extension schema URN; its value is an object."""
+    value = {"employeeNumber": "E1", "department": "Sales", "manager": {"value": manager["id"]}}
+    response = client.patch("/Users/" + user["id"], [{"op": op, "path": URN_ENTERPRISE, "value": value}],
+                            status=200)
+    extension = response.json[URN_ENTERPRISE]
+    assert extension["employeeNumber"] == "E1" and extension["department"] == "Sales"
+    assert extension["manager"]["value"] == manager["id"]
+    stored = stored_document(db, "users", user["id"])
+    assert [k for k in stored if k.startswith("urn:")] == [URN_ENTERPRISE]
+    assert stored[URN_ENTERPRISE]["employeeNumber"] == "E1"
+
+
+def test_remove_of_the_enterprise_extension_path_removes_the_whole_extension(client, db, user):
+    client.patch("/Users/" + user["id"], [
+        {"op": "add", "path": URN_ENTERPRISE + ":employeeNumber", "value": "E1"}], status=200)
+    response = client.patch("/Users/" + user["id"], [{"op": "remove", "path": URN_ENTERPRISE}], status=200)
+    assert URN_ENTERPRISE not in response.json
+    assert URN_ENTERPRISE not in response.json["schemas"]
+    assert URN_ENTERPRISE not in stored_document(db, "users", user["id"])
+
+
+def test_urn_qualified_manager_with_an_object_value_is_the_enterprise_manager(client, db, user, manager):
+    """An object value under ...:User:manager is the manager, not a custom extension."""
+    response = client.patch("/Users/" + user["id"], [
+        {"op": "replace", "path": URN_ENTERPRISE + ":manager", "value": {"value": manager["id"]}}],
+        status=200)
+    assert response.json[URN_ENTERPRISE]["manager"]["value"] == manager["id"]
+    stored = stored_document(db, "users", user["id"])
+    assert [k for k in stored if k.startswith("urn:")] == [URN_ENTERPRISE]
+    assert stored[URN_ENTERPRISE]["manager"] == {"value": manager["id"]}
+
+
+def test_custom_extension_object_as_a_path_less_value_is_kept_whole():
+    document = patched({"userName": "a"}, {"op": "add", "value": {CUSTOM: {"costCode": "C1"}}})
+    assert document[CUSTOM] == {"costCode": "C1"}
+    assert patched(document, {"op": "remove", "path": CUSTOM}) == {"userName": "a"}
