@@ -617,6 +617,7 @@ def _multi(name, description, types=(), value_type="string", value_required=Fals
     return Attribute(name, "complex", multi_valued=True, description=description,
                      mutability=mutability, sub_attributes=(
                          Attribute("value", value_type, required=value_required,
+                                   reference_types=("external",) if value_type == "reference" else (),
                                    description="The attribute's significant value."),
                          Attribute("display", description="A human-readable name, primarily used "
                                    "for display purposes."),
@@ -948,6 +949,23 @@ def coerce_custom(value, where):
     return value
 
 
+def coerce_members(value):
+    """Group members as sent in POST, PUT or PATCH: a list of {"value": id,
+    "type"?}. A member without an id is an error, not something to drop."""
+    attribute = GROUP_SCHEMA.attribute("members")
+    members = []
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, str):
+            item = {"value": item}
+        member = coerce_single(attribute, item, "members")
+        if not member or not isinstance(member.get("value"), str) or not member["value"]:
+            raise ScimError(400, "invalidValue", "each member needs a \"value\" with the member's id")
+        if member.get("type") not in (None, "User", "Group"):
+            raise ScimError(400, "invalidValue", "member type must be User or Group")
+        members.append(member)
+    return members
+
+
 def is_custom_extension(resource_type, urn):
     """Whether `urn` may name an extension we have no schema for: a URN that
     is neither a known schema, nor an attribute of one, nor reserved."""
@@ -996,7 +1014,10 @@ def canonical_document(resource_type, body):
             continue
         if path.sub_attribute is not None:
             continue   # dotted keys belong to PATCH; a POST body nests them
-        item = coerce_value(path.attribute, value, path.attribute.name)
+        if resource_type is GROUP and path.attribute.name == "members":
+            item = coerce_members(value) if value is not None else None
+        else:
+            item = coerce_value(path.attribute, value, path.attribute.name)
         if item is None:
             continue
         if path.core:
@@ -1114,7 +1135,7 @@ class Projection:
     def apply(self, resource):
         if not self.attributes and not self.excluded:
             return resource
-        result = {}
+        result = {"schemas": None}
         for name, value in resource.items():
             key = name.lower()
             if key in self.ALWAYS:
@@ -1127,6 +1148,9 @@ class Projection:
                 kept = self._filter_attribute(key, value)
                 if kept is not None:
                     result[name] = kept
+        # `schemas` names the extensions the projected resource still holds.
+        result["schemas"] = [urn for urn in resource["schemas"]
+                             if urn == self.resource_type.schema.id or urn in result]
         return result
 
     def _filter_object(self, prefix, whole, value):
@@ -1285,7 +1309,7 @@ class _FilterParser:
         return items[0] if len(items) == 1 else ("and", items)
 
     def unary(self, depth, nested):
-        if depth >= MAX_FILTER_DEPTH:
+        if depth > MAX_FILTER_DEPTH:
             raise invalid_filter("filter is nested deeper than %d levels" % MAX_FILTER_DEPTH)
         if self.peek_word() == "not":
             self.position += 1
@@ -1541,6 +1565,14 @@ def _compare_sql(node, expr, attribute, folded):
         value = fold(value)
         if not folded:
             expr = "scim_fold(%s)" % expr
+    if attribute.type == "dateTime" and operator in ("eq", "ne", "gt", "ge", "lt", "le"):
+        # "DateTime ... a chronological comparison" (RFC 7644 §3.4.2.2):
+        # the same instant written with an offset or fewer digits is equal.
+        if not DATE_TIME.match(value):
+            raise invalid_filter("%s is a dateTime: compare it with e.g. \"2011-05-13T04:42:34Z\"" % name)
+        expr, value = "julianday(%s)" % expr, _utc_text(value)
+        symbol = {"eq": "=", "ne": "IS NOT", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}[operator]
+        return "%s %s julianday(?)" % (expr, symbol), [value]
     if operator == "eq":
         return "%s = ?" % expr, [value]
     if operator == "ne":
@@ -1554,6 +1586,22 @@ def _compare_sql(node, expr, attribute, folded):
                 .format(x=expr), [value, value, value])
     symbol = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}[operator]
     return "%s %s ?" % (expr, symbol), [value]
+
+
+def _utc_text(value):
+    """An xsd:dateTime as UTC text SQLite's julianday() reads, to the microsecond."""
+    instant = _instant(value)
+    return instant.strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def _instant(value):
+    """An xsd:dateTime (already checked against DATE_TIME) as an aware UTC datetime."""
+    text = value[:-1] + "+00:00" if value.endswith("Z") else value
+    head, dot, rest = text.partition(".")
+    if dot:   # fromisoformat before 3.11 takes only 3 or 6 fraction digits
+        digits = re.match(r"\d+", rest).group()
+        text = head + "." + (digits + "000000")[:6] + rest[len(digits):]
+    return datetime.datetime.fromisoformat(text).astimezone(datetime.timezone.utc)
 
 
 def _filter_operand(name, attribute, operator, value):
@@ -1617,6 +1665,10 @@ def filter_matches(node, item, attribute):
         return operator == "ne"
     if sub.type in ("string", "reference") and not sub.case_exact and isinstance(actual, str):
         actual, value = fold(actual), fold(value)
+    if sub.type == "dateTime" and operator not in ("co", "sw", "ew"):
+        if not DATE_TIME.match(value) or not isinstance(actual, str) or not DATE_TIME.match(actual):
+            return False
+        actual, value = _instant(actual), _instant(value)
     try:
         if operator == "eq":
             return actual == value
@@ -2040,7 +2092,7 @@ def _apply_members(op, patch_path, value, has_value, member_changes):
         if has_value and value is not None:
             # Entra: {"op":"Remove","path":"members","value":[{"value":"id"}]}
             # removes only the listed members (R40), never all of them.
-            member_changes.append(("remove", [member["value"] for member in _member_values(value)]))
+            member_changes.append(("remove", [member["value"] for member in coerce_members(value)]))
         else:
             member_changes.append(("clear",))
         return
@@ -2048,23 +2100,8 @@ def _apply_members(op, patch_path, value, has_value, member_changes):
         member_changes.append(("clear",))
     if not has_value:
         raise ScimError(400, "invalidValue", "%s needs a value" % op)
-    member_changes.append(("add", [(m["value"], m.get("type")) for m in _member_values(value)]))
+    member_changes.append(("add", [(m["value"], m.get("type")) for m in coerce_members(value)]))
 
-
-def _member_values(value):
-    attribute = GROUP_SCHEMA.attribute("members")
-    values = value if isinstance(value, list) else [value]
-    members = []
-    for item in values:
-        if isinstance(item, str):
-            item = {"value": item}
-        member = coerce_single(attribute, item, "members")
-        if not member or not isinstance(member.get("value"), str) or not member["value"]:
-            raise ScimError(400, "invalidValue", "each member needs a \"value\" with the member's id")
-        if member.get("type") not in (None, "User", "Group"):
-            raise ScimError(400, "invalidValue", "member type must be User or Group")
-        members.append(member)
-    return members
 
 
 # ============================================================================
@@ -2100,7 +2137,7 @@ def _row_for(resource_type, resource_id, document, now, version, created=None, p
     else:
         row.update(display_name=document["displayName"], display_name_key=fold(document["displayName"]))
     row.update(external_id=document.get("externalId"), last_modified=now, version=version,
-               document=json.dumps(document, ensure_ascii=False, separators=(",", ":")))
+               document=json.dumps(document, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
     if created is not None:
         row["created"] = created
     return row
@@ -2115,17 +2152,19 @@ def _take_password(document):
 def _take_members(resource_type, document):
     if resource_type is not GROUP:
         return None
-    members = document.pop("members", None)
-    return [(m["value"], m.get("type")) for m in _member_values(members)] if members else []
+    return [(m["value"], m.get("type")) for m in document.pop("members", None) or []]
+
+
+def etag_matches(header, etag):
+    """Whether an If-Match / If-None-Match header names `etag` (RFC 7232 §3:
+    a comma-separated list, or "*"; compared without the weak prefix)."""
+    tags = [tag.strip().replace("W/", "", 1) for tag in header.split(",")]
+    return "*" in tags or etag.replace("W/", "", 1) in tags
 
 
 def _check_if_match(if_match, row):
     """RFC 7644 §3.14: a stale If-Match gets 412 Precondition Failed."""
-    if if_match is None:
-        return
-    current = weak_etag(row["version"]).replace("W/", "")
-    tags = [tag.strip().replace("W/", "") for tag in if_match.split(",")]
-    if "*" not in tags and current not in tags:
+    if if_match is not None and not etag_matches(if_match, weak_etag(row["version"])):
         raise ScimError(412, None, "the resource has changed: version is now %s" % weak_etag(row["version"]))
 
 
@@ -2364,7 +2403,7 @@ _RESOURCE_SEGMENTS["serviceproviderconfigs"] = "ServiceProviderConfig"
 
 
 def json_bytes(value):
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 def scim_response(status, body=None, headers=None):
@@ -2398,15 +2437,21 @@ def _object_without_duplicates(pairs):
 
 
 def _json_depth(value):
+    """How many objects and arrays are nested in `value` at the deepest point."""
     depth, stack = 0, [(value, 1)]
     while stack:
         item, level = stack.pop()
-        depth = max(depth, level)
-        if isinstance(item, dict):
-            stack.extend((v, level + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, level + 1) for v in item)
+        if isinstance(item, (dict, list)):
+            depth = max(depth, level)
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
     return depth
+
+
+def _finite_float(text):
+    number = float(text)
+    if not math.isfinite(number):   # 1e400 parses to inf without parse_constant seeing it
+        raise ValueError("number %s is out of range" % text)
+    return number
 
 
 def parse_json_body(raw):
@@ -2419,7 +2464,7 @@ def parse_json_body(raw):
     except UnicodeDecodeError:
         raise ScimError(400, "invalidSyntax", "the request body is not valid UTF-8") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant,
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
                            object_pairs_hook=_object_without_duplicates)
     except RecursionError:
         raise ScimError(400, "invalidSyntax", "the request body is nested too deeply") from None
@@ -2648,7 +2693,7 @@ def make_scim_app(store, settings):
                                     projection_of(resource_type, query()))
             etag = resource.get("meta", {}).get("version")
             none_match = bottle.request.get_header("If-None-Match")
-            if etag and none_match and etag.replace("W/", "") in none_match.replace("W/", "").split(", "):
+            if etag and none_match is not None and etag_matches(none_match, etag):
                 return scim_response(304, None, {"ETag": etag})
             return resource_response(200, resource)
 
@@ -2707,7 +2752,9 @@ def make_scim_app(store, settings):
             path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
         except UnicodeError:
             return _wsgi_error(start_response, ScimError(400, "invalidSyntax", "the path is not valid UTF-8"))
-        segments = path.split("/")
+        # A Tenant URL entered with a trailing slash (Microsoft's own example,
+        # https://api.contoso.com/scim/) makes requests for /scim//Users.
+        segments = re.sub("/{2,}", "/", path).split("/")
         if len(segments) > 2 and segments[1] == "scim":
             segments[2] = _RESOURCE_SEGMENTS.get(segments[2].lower(), segments[2])
             if len(segments) > 3 and segments[3].lower() == ".search":

@@ -1,0 +1,483 @@
+"""The real server (waitress in a subprocess) and the command line, over real HTTP.
+
+Process start-ups are kept few: one Entra conversation, one token life cycle
+(with --public-url and SIGTERM), one start from environment variables, one
+start with no arguments, and one refused start on a busy port.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+import scim_appliance
+from conftest import ROOT, SCIM_JSON, LiveServer, free_port, run_cli
+from scim_appliance import URN_ENTERPRISE, URN_GROUP, URN_LIST, URN_PATCH, URN_USER
+
+SCRIPT = os.path.join(ROOT, "scim_appliance.py")
+PUBLIC_URL = "https://scim.example.com"
+LIST_KEYS = {"schemas", "totalResults", "Resources", "startIndex", "itemsPerPage"}
+
+
+# -- helpers -----------------------------------------------------------------------
+
+def patch_body(*operations):
+    return {"schemas": [URN_PATCH], "Operations": list(operations)}
+
+
+def q(**params):
+    """A query string form-encoded the way Entra sends it ('+' and %22)."""
+    return "?" + urllib.parse.urlencode(params)
+
+
+def assert_list(body, ids):
+    assert set(body) == LIST_KEYS
+    assert body["schemas"] == [URN_LIST]
+    assert body["totalResults"] == len(ids)
+    assert body["startIndex"] == 1
+    assert body["itemsPerPage"] == len(body["Resources"])
+    assert [r["id"] for r in body["Resources"]] == ids
+
+
+def member_ids(server, group_id):
+    status, _, group = server.request("GET", "/Groups/" + group_id)
+    assert status == 200
+    return sorted(m["value"] for m in group.get("members", []))
+
+
+def clean_env(**overrides):
+    """The environment without any SCIM_APPLIANCE_* the machine may have set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCIM_APPLIANCE_")}
+    env.update(overrides)
+    return env
+
+
+def start_process(args, env, cwd):
+    """Start scim_appliance.py and read stdout up to the "SCIM endpoint:" line.
+
+    Returns (process, banner lines); the caller stops the process.
+    """
+    process = subprocess.Popen([sys.executable, SCRIPT] + list(args), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    lines = []
+    while True:
+        line = process.stdout.readline()
+        if not line:
+            stop_process(process)
+            raise AssertionError("server exited: %s %s" % ("".join(lines), process.stderr.read()))
+        lines.append(line.rstrip("\n"))
+        if line.startswith("SCIM endpoint:"):
+            return process, lines
+
+
+def wait_for_port(port):
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def stop_process(process):
+    """SIGTERM, then wait; returns (exit code, remaining stdout + stderr)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    output = process.stdout.read() + process.stderr.read()
+    process.stdout.close()
+    process.stderr.close()
+    return process.returncode, output
+
+
+def http(method, url, body=None, token=None):
+    """(status, headers, parsed JSON or None) for one request to an absolute URL."""
+    headers = {"Content-Type": SCIM_JSON} if body is not None else {}
+    if token:
+        headers["Authorization"] = "Bearer " + token
+    data = None if body is None else json.dumps(body).encode("utf-8")
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            raw = response.read()
+            return response.status, response.headers, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as error:
+        raw = error.read()
+        return error.code, error.headers, json.loads(raw) if raw else None
+
+
+def db_bytes(db_path):
+    """Every byte of the database, its WAL and shared memory files."""
+    data = b""
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db_path + suffix):
+            with open(db_path + suffix, "rb") as handle:
+                data += handle.read()
+    return data
+
+
+# -- the whole Entra conversation against a real server -------------------------------
+
+def test_entra_conversation_against_the_real_server(live_server):
+    """R5, R7-R11, R13, R16-R18, R20, R25, R26, R35-R42 end to end over real HTTP."""
+    server = live_server
+    port = server.port
+    assert "SCIM endpoint: http://127.0.0.1:%d/scim" % port in server.banner.splitlines()
+    assert "token create" not in server.banner   # a token exists: no instructions
+
+    # R5 Test Connection: a random GUID, form-encoded → 200 and an empty list.
+    status, headers, body = server.request(
+        "GET", "/Users?filter=userName+eq+%22" + str(uuid.uuid4()) + "%22")
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/scim+json")
+    assert body == {"schemas": [URN_LIST], "totalResults": 0, "Resources": [], "startIndex": 1,
+                    "itemsPerPage": 0}
+    status, _, body = server.request("GET", "/Groups?filter=displayName+eq+%22" + str(uuid.uuid4()) + "%22")
+    assert status == 200
+    assert_list(body, [])
+
+    # R7 create user.
+    user_body = {
+        "schemas": [URN_USER, URN_ENTERPRISE],
+        "externalId": "0a21f0f2-8d2a-4f8e-bf98-7363c4aed4ef",
+        "userName": "Test_User_00aa00aa-bb11-cc22-dd33-44ee44ee44ee",
+        "active": True,
+        "emails": [{"primary": True, "type": "work",
+                    "value": "Test_User_11bb11bb-cc22-dd33-ee44-55ff55ff55ff@testuser.com"}],
+        "meta": {"resourceType": "User"},
+        "name": {"formatted": "givenName familyName", "familyName": "familyName", "givenName": "givenName"},
+        "roles": [],
+    }
+    status, headers, user = server.request("POST", "/Users", user_body)
+    assert status == 201
+    assert headers["Content-Type"].startswith("application/scim+json")
+    user_id = user["id"]
+    location = "http://127.0.0.1:%d/scim/Users/%s" % (port, user_id)
+    assert headers["Location"] == location == user["meta"]["location"]
+    assert user["userName"] == user_body["userName"]
+    assert user["active"] is True
+
+    # R9 get.
+    status, headers, got = server.request("GET", "/Users/" + user_id)
+    assert status == 200
+    assert got == user
+    assert headers["ETag"] == got["meta"]["version"]
+
+    # R10/R13 query by userName in another case, and by externalId.
+    status, _, body = server.request("GET", "/Users" + q(filter='userName eq "%s"' % user_body["userName"].upper()))
+    assert status == 200
+    assert_list(body, [user_id])
+    status, _, body = server.request("GET", "/Users" + q(filter='externalId eq "%s"' % user_body["externalId"]))
+    assert_list(body, [user_id])
+
+    # R16 multi-valued update, R17 single-valued update.
+    status, _, user = server.request("PATCH", "/Users/" + user_id, patch_body(
+        {"op": "Replace", "path": 'emails[type eq "work"].value', "value": "updatedEmail@microsoft.com"},
+        {"op": "Replace", "path": "name.familyName", "value": "updatedFamilyName"}))
+    assert status == 200
+    assert user["emails"] == [{"value": "updatedEmail@microsoft.com", "type": "work", "primary": True}]
+    assert user["name"]["familyName"] == "updatedFamilyName"
+    new_name = "5b50642d-79fc-4410-9e90-4c077cdd1a59@testuser.com"
+    status, _, user = server.request("PATCH", "/Users/" + user_id, patch_body(
+        {"op": "Replace", "path": "userName", "value": new_name}))
+    assert status == 200
+    assert user["userName"] == new_name
+
+    # R18 disable with the string "False", enable with true.
+    status, _, user = server.request("PATCH", "/Users/" + user_id, patch_body(
+        {"op": "Replace", "path": "active", "value": "False"}))
+    assert status == 200
+    assert user["active"] is False
+    status, _, user = server.request("PATCH", "/Users/" + user_id, patch_body(
+        {"op": "replace", "path": "active", "value": True}))
+    assert status == 200
+    assert user["active"] is True
+
+    # R25/R26 manager set as a plain string, returned as {"value": id}; then removed.
+    status, _, manager = server.request("POST", "/Users", {"schemas": [URN_USER], "userName": "manager@testuser.com"})
+    assert status == 201
+    manager_id = manager["id"]
+    status, _, user = server.request("PATCH", "/Users/" + user_id, {
+        "Operations": [{"op": "Add", "path": URN_ENTERPRISE + ":manager", "value": manager_id}],
+        "schemas": [URN_PATCH]})
+    assert status == 200
+    assert user[URN_ENTERPRISE]["manager"]["value"] == manager_id
+    status, _, user = server.request("PATCH", "/Users/" + user_id, patch_body(
+        {"op": "Remove", "path": URN_ENTERPRISE + ":manager"}))
+    assert status == 200
+    assert "manager" not in user.get(URN_ENTERPRISE, {})
+
+    status, _, third = server.request("POST", "/Users", {"schemas": [URN_USER], "userName": "third@testuser.com"})
+    assert status == 201
+    third_id = third["id"]
+
+    # R36 create group (ADSCIM schema URI), R37 rename.
+    status, headers, group = server.request("POST", "/Groups", {
+        "schemas": [URN_GROUP, "http://schemas.microsoft.com/2006/11/ResourceManagement/ADSCIM/2.0/Group"],
+        "externalId": "8aa1a0c0-c4c3-4bc0-b4a5-2ef676900159", "displayName": "displayName",
+        "meta": {"resourceType": "Group"}})
+    assert status == 201
+    assert group["members"] == [] and group["schemas"] == [URN_GROUP]
+    group_id = group["id"]
+    assert headers["Location"] == "http://127.0.0.1:%d/scim/Groups/%s" % (port, group_id)
+    status, _, body = server.request("PATCH", "/Groups/" + group_id, patch_body(
+        {"op": "Replace", "path": "displayName", "value": "renamed group"}))
+    assert (status, body) == (204, None)
+
+    # R38/R39 add members ("$ref": null, several at once).
+    status, _, body = server.request("PATCH", "/Groups/" + group_id, patch_body(
+        {"op": "Add", "path": "members", "value": [{"$ref": None, "value": user_id},
+                                                   {"$ref": None, "value": manager_id},
+                                                   {"$ref": None, "value": third_id}]}))
+    assert (status, body) == (204, None)
+    assert member_ids(server, group_id) == sorted([user_id, manager_id, third_id])
+
+    # R40 remove: value list, then members[value eq ...].
+    status, _, _ = server.request("PATCH", "/Groups/" + group_id, patch_body(
+        {"op": "Remove", "path": "members", "value": [{"$ref": None, "value": third_id}]}))
+    assert status == 204
+    assert member_ids(server, group_id) == sorted([user_id, manager_id])
+    status, _, _ = server.request("PATCH", "/Groups/" + group_id, patch_body(
+        {"op": "remove", "path": 'members[value eq "%s"]' % manager_id}))
+    assert status == 204
+    assert member_ids(server, group_id) == [user_id]
+    # ... and remove all (no value).
+    server.request("PATCH", "/Groups/" + group_id, patch_body(
+        {"op": "Add", "path": "members", "value": [{"value": third_id}]}))
+    assert member_ids(server, group_id) == sorted([user_id, third_id])
+    status, _, _ = server.request("PATCH", "/Groups/" + group_id, patch_body({"op": "remove", "path": "members"}))
+    assert status == 204
+    assert member_ids(server, group_id) == []
+    server.request("PATCH", "/Groups/" + group_id, patch_body(
+        {"op": "Add", "path": "members", "value": [{"value": user_id}]}))
+
+    # R20 reads with excludedAttributes=members: no members key.
+    status, _, group = server.request("GET", "/Groups/%s?excludedAttributes=members" % group_id)
+    assert status == 200
+    assert "members" not in group
+    assert group["displayName"] == "renamed group"
+    status, _, body = server.request(
+        "GET", "/Groups?excludedAttributes=members&filter=displayName+eq+%22renamed+group%22")
+    assert_list(body, [group_id])
+    assert "members" not in body["Resources"][0]
+
+    # R35 delete user, R42 delete group.
+    status, _, body = server.request("DELETE", "/Users/" + user_id)
+    assert (status, body) == (204, None)
+    status, _, error = server.request("GET", "/Users/" + user_id)
+    assert status == 404 and error["status"] == "404"
+    assert member_ids(server, group_id) == []
+    status, _, body = server.request("DELETE", "/Groups/" + group_id)
+    assert (status, body) == (204, None)
+    status, _, _ = server.request("GET", "/Groups/" + group_id)
+    assert status == 404
+
+    # Stop the server (SIGTERM) and look at the file it leaves behind.
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=15) == 0
+    conn = sqlite3.connect(server.db_path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        users = {row[0] for row in conn.execute("SELECT id FROM users")}
+        assert users == {manager_id, third_id}
+        assert conn.execute("SELECT count(*) FROM groups").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM members").fetchone()[0] == 0
+        document = json.loads(conn.execute("SELECT document FROM users WHERE id = ?", (manager_id,)).fetchone()[0])
+        assert document == {"userName": "manager@testuser.com"}
+    finally:
+        conn.close()
+
+
+# -- the command line ----------------------------------------------------------------
+
+def test_help_documents_every_setting_and_its_variable():
+    """`--help` lists the commands; `serve --help` names every flag and SCIM_APPLIANCE_* variable."""
+    top = run_cli("--help")
+    assert "serve" in top.stdout and "token" in top.stdout
+    assert "environment variable" in top.stdout
+    serve_help = run_cli("serve", "--help").stdout
+    for field, flag, variable, _, _ in scim_appliance.SETTINGS_TABLE:
+        assert variable.startswith("SCIM_APPLIANCE_")
+        assert variable in serve_help, variable
+        assert flag in serve_help, flag
+    token_help = run_cli("token", "create", "--help").stdout
+    assert "--name" in token_help and "SCIM_APPLIANCE_DB" in token_help
+
+
+def test_token_life_cycle_public_url_and_sigterm(tmp_path):
+    """token create/list/revoke against a running `serve --public-url`; SIGTERM exits 0."""
+    db_path = str(tmp_path / "tokens.db")
+    server = LiveServer(db_path, extra_args=("--public-url", PUBLIC_URL))
+    try:
+        banner = server.banner.splitlines()
+        assert "SCIM endpoint: %s/scim" % PUBLIC_URL in banner
+        status, headers, _ = server.request("GET", "/Users", token="scimapp_made-up")
+        assert status == 401
+        assert headers["WWW-Authenticate"].startswith("Bearer")
+
+        created = run_cli("token", "create", "--name", "entra", "--db", db_path)
+        lines = created.stdout.splitlines()
+        assert len(lines) == 1
+        entra_token = lines[0]
+        assert entra_token == entra_token.strip() and len(entra_token) >= 32 and " " not in entra_token
+        backup_token = run_cli("token", "create", "--name", "backup", "--db", db_path).stdout.strip()
+        assert backup_token != entra_token
+
+        # A second live token with the same name is refused.
+        duplicate = run_cli("token", "create", "--name", "entra", "--db", db_path, check=False)
+        assert duplicate.returncode != 0
+        assert duplicate.stdout == ""
+        assert "entra" in duplicate.stderr
+
+        # The token works; meta.location and Location come from --public-url.
+        status, headers, user = server.request("POST", "/Users", {"schemas": [URN_USER], "userName": "pub@x.com"},
+                                               token=entra_token)
+        assert status == 201
+        assert user["meta"]["location"] == "%s/scim/Users/%s" % (PUBLIC_URL, user["id"])
+        assert headers["Location"] == user["meta"]["location"]
+
+        # Stored: digests only, never the tokens.
+        conn = sqlite3.connect(db_path)
+        try:
+            rows = {name: (digest, created_at, last_used) for name, digest, created_at, last_used
+                    in conn.execute("SELECT name, digest, created, last_used FROM tokens")}
+        finally:
+            conn.close()
+        assert rows["entra"][0] == hashlib.sha256(entra_token.encode()).hexdigest()
+        assert rows["backup"][0] == hashlib.sha256(backup_token.encode()).hexdigest()
+        assert rows["entra"][2] is not None and rows["backup"][2] is None
+        stored = db_bytes(db_path)
+        assert entra_token.encode() not in stored and backup_token.encode() not in stored
+
+        # token list: name, created, last used; never the token.
+        listing = run_cli("token", "list", "--db", db_path).stdout
+        assert entra_token not in listing and backup_token not in listing
+        assert "LAST USED" in listing.upper()
+        entra_line = next(line for line in listing.splitlines() if line.startswith("entra"))
+        backup_line = next(line for line in listing.splitlines() if line.startswith("backup"))
+        assert rows["entra"][1] in entra_line and rows["entra"][2] in entra_line
+        assert rows["backup"][1] in backup_line and "never" in backup_line
+
+        # Revoke: the running server refuses the token at once; the other one still works.
+        revoked = run_cli("token", "revoke", "entra", "--db", db_path)
+        assert revoked.returncode == 0
+        status, _, _ = server.request("GET", "/Users", token=entra_token)
+        assert status == 401
+        status, _, body = server.request("GET", "/Users", token=backup_token)
+        assert status == 200 and body["totalResults"] == 1
+        assert "revoked" in run_cli("token", "list", "--db", db_path).stdout
+
+        # Revoking a name that has no live token fails with a message on stderr.
+        for name in ("nosuchtoken", "entra"):
+            unknown = run_cli("token", "revoke", name, "--db", db_path, check=False)
+            assert unknown.returncode != 0
+            assert name in unknown.stderr
+        # After revocation the name is free again.
+        again = run_cli("token", "create", "--name", "entra", "--db", db_path).stdout.strip()
+        status, _, _ = server.request("GET", "/Users", token=again)
+        assert status == 200
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            code = server.process.wait(timeout=15)
+        finally:
+            output = server.stop()
+    assert code == 0
+    assert "stopped" in output
+    # The database had no token at start: the lines after the banner say how to make one.
+    instructions = output.split("stopped")[0]
+    assert "token create" in instructions and db_path in instructions
+
+
+def test_environment_variables_instead_of_flags(tmp_path):
+    """SCIM_APPLIANCE_PORT / _DB / _PUBLIC_URL configure `serve` (and _DB the token commands)."""
+    port = free_port()
+    db_path = str(tmp_path / "from-env.db")
+    token = run_cli("token", "create", "--name", "entra", env={"SCIM_APPLIANCE_DB": db_path}).stdout.strip()
+    assert os.path.exists(db_path)
+    env = clean_env(SCIM_APPLIANCE_PORT=str(port), SCIM_APPLIANCE_DB=db_path,
+                    SCIM_APPLIANCE_PUBLIC_URL=PUBLIC_URL)
+    process, banner = start_process(["serve"], env, str(tmp_path))
+    try:
+        assert "SCIM endpoint: %s/scim" % PUBLIC_URL in banner
+        assert not any("token create" in line for line in banner)   # the env db has a token
+        wait_for_port(port)
+        status, headers, user = http("POST", "http://127.0.0.1:%d/scim/Users" % port,
+                                     {"schemas": [URN_USER], "userName": "env@x.com"}, token=token)
+        assert status == 201
+        assert user["meta"]["location"] == "%s/scim/Users/%s" % (PUBLIC_URL, user["id"])
+        assert headers["Location"] == user["meta"]["location"]
+    finally:
+        code, output = stop_process(process)
+    assert code == 0 and "stopped" in output
+    assert not os.path.exists(str(tmp_path / "scim_appliance.db"))   # the default was not used
+    conn = sqlite3.connect(db_path)
+    try:
+        assert [row[0] for row in conn.execute("SELECT user_name FROM users")] == ["env@x.com"]
+    finally:
+        conn.close()
+
+
+def test_no_arguments_serves_with_the_defaults(tmp_path):
+    """`python scim_appliance.py` alone = serve on 127.0.0.1:8080 with ./scim_appliance.db."""
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 8080))
+        port, env = 8080, clean_env()
+    except OSError:
+        # 8080 is taken on this machine: move the port, still check the default database.
+        port = free_port()
+        env = clean_env(SCIM_APPLIANCE_PORT=str(port))
+    process, banner = start_process([], env, str(tmp_path))
+    try:
+        assert "SCIM endpoint: http://127.0.0.1:%d/scim" % port in banner
+        wait_for_port(port)
+        status, headers, config = http("GET", "http://127.0.0.1:%d/scim/ServiceProviderConfig" % port)
+        assert status == 200 and config["patch"]["supported"] is True
+        status, _, _ = http("GET", "http://127.0.0.1:%d/scim/Users" % port)
+        assert status == 401
+    finally:
+        code, output = stop_process(process)
+    assert code == 0 and "stopped" in output
+    # The instructions come after the banner line; the default database is in the cwd.
+    assert "token create" in output and "scim_appliance.db" in output
+    db_path = tmp_path / "scim_appliance.db"
+    assert db_path.exists()
+    conn = sqlite3.connect(str(db_path))
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"users", "groups", "members", "tokens"} <= tables
+    finally:
+        conn.close()
+
+
+def test_port_in_use_exits_non_zero_with_a_message(tmp_path):
+    """A busy port: non-zero exit, a one-line reason on stderr, no endpoint banner."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("serve", "--port", str(port), "--db", str(tmp_path / "busy.db"), check=False)
+    assert result.returncode != 0
+    assert "SCIM endpoint" not in result.stdout
+    assert str(port) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "listen" in result.stderr.lower() or "in use" in result.stderr.lower()
