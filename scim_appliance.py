@@ -2361,6 +2361,24 @@ def create_token(store, name):
     return token
 
 
+def list_tokens(store):
+    """(name, created, last_used, revoked) of every token, oldest first."""
+    with store.read() as tx:
+        return tx.list_tokens()
+
+
+def has_live_token(store):
+    with store.read() as tx:
+        return bool(tx.live_tokens())
+
+
+def revoke_token(store, name):
+    """Revoke the live token called `name`; ValueError if there is none."""
+    with store.write() as tx:
+        if not tx.revoke_token(name, utc_now()):
+            raise ValueError("no active token named %r" % name)
+
+
 class TokenCheck:
     """Authenticates bearer tokens, recording each token's last use at most
     once a minute so that reads do not become writes."""
@@ -2861,9 +2879,7 @@ def serve(settings, out=sys.stdout):
     if settings.port == 0:   # an ephemeral port: report the one we got
         settings = dataclasses.replace(settings, port=server.effective_port)
     print("SCIM endpoint: %s" % settings.base_url, file=out)
-    with store.read() as tx:
-        has_token = bool(tx.live_tokens())
-    if not has_token:
+    if not has_live_token(store):
         print("No bearer token exists yet. Make one for Entra's Secret Token field with:\n"
               "  python scim_appliance.py token create --name entra --db %s" % settings.db, file=out)
     out.flush()
@@ -2900,16 +2916,12 @@ def main(argv=None):
             if args.token_command == "create":
                 print(create_token(store, args.name))
             elif args.token_command == "list":
-                with store.read() as tx:
-                    rows = tx.list_tokens()
                 print("%-24s %-26s %-26s %s" % ("NAME", "CREATED", "LAST USED", "STATUS"))
-                for name, created, last_used, revoked in rows:
+                for name, created, last_used, revoked in list_tokens(store):
                     print("%-24s %-26s %-26s %s" % (name, created, last_used or "never",
                                                     "revoked " + revoked if revoked else "active"))
             elif args.token_command == "revoke":
-                with store.write() as tx:
-                    if not tx.revoke_token(args.name, utc_now()):
-                        raise ValueError("no active token named %r" % args.name)
+                revoke_token(store, args.name)
                 print("revoked %s" % args.name, file=sys.stderr)
         finally:
             store.close()
