@@ -116,6 +116,29 @@ def db(settings, store):
     conn.close()
 
 
+def media_type(response):
+    return response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+
+
+def assert_scim_error(response, status, scim_type=None):
+    """RFC 7644 §3.12: an application/scim+json Error with schemas, status (a
+    string), detail, and scimType exactly when one applies (`scim_type`:
+    None = absent, "*" = any)."""
+    assert response.status_int == status, response.body
+    assert media_type(response) == "application/scim+json"
+    body = json.loads(response.body.decode("utf-8"))
+    assert body["schemas"] == [scim_appliance.URN_ERROR]
+    assert body["status"] == str(status)
+    assert isinstance(body.get("detail"), str) and body["detail"]
+    if scim_type is None:
+        assert "scimType" not in body, body
+    elif scim_type == "*":
+        assert isinstance(body.get("scimType"), str) and body["scimType"]
+    else:
+        assert body.get("scimType") == scim_type, body
+    return body
+
+
 def stored_document(db, table, resource_id):
     """The JSON document stored for a user or group (None if there is no row)."""
     row = db.execute("SELECT document FROM %s WHERE id = ?" % table, (resource_id,)).fetchone()
@@ -144,6 +167,23 @@ def run_cli(*args, env=None, check=True, timeout=30):
     if check and result.returncode != 0:
         raise AssertionError("CLI %s failed (%d): %s" % (args, result.returncode, result.stderr))
     return result
+
+
+def http_json(method, url, body=None, token=None, headers=None):
+    """(status, headers, parsed JSON or None) for one request to an absolute URL."""
+    all_headers = {"Content-Type": SCIM_JSON} if body is not None else {}
+    if token:
+        all_headers["Authorization"] = "Bearer " + token
+    all_headers.update(headers or {})
+    data = None if body is None else json.dumps(body).encode("utf-8")
+    request = urllib.request.Request(url, data=data, method=method, headers=all_headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            raw = response.read()
+            return response.status, response.headers, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as error:
+        raw = error.read()
+        return error.code, error.headers, json.loads(raw) if raw else None
 
 
 class LiveServer:
@@ -183,20 +223,7 @@ class LiveServer:
 
     def request(self, method, path, body=None, token=None, headers=None):
         """(status, headers, parsed JSON or None) for one request over real HTTP."""
-        all_headers = {"Content-Type": SCIM_JSON} if body is not None else {}
-        token = token if token is not None else self.token
-        if token:
-            all_headers["Authorization"] = "Bearer " + token
-        all_headers.update(headers or {})
-        data = None if body is None else json.dumps(body).encode("utf-8")
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=all_headers)
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                raw = response.read()
-                return response.status, response.headers, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as error:
-            raw = error.read()
-            return error.code, error.headers, json.loads(raw) if raw else None
+        return http_json(method, self.url + path, body, token if token is not None else self.token, headers)
 
     def stop(self):
         if self.process.poll() is None:

@@ -8,20 +8,14 @@ import re
 import pytest
 
 import scim_appliance
-from conftest import ScimClient, stored_document
+from conftest import assert_scim_error, ScimClient, stored_document
 from scim_appliance import URN_ERROR, URN_GROUP, URN_PATCH, URN_SEARCH, URN_USER
 
 
 def assert_401(response):
     """RFC 7644 §3.12 Error body, RFC 6750 §3 challenge."""
-    assert response.status_int == 401, response.body
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
-    assert response.headers["Content-Type"].split(";")[0] == "application/scim+json"
-    body = json.loads(response.body)
-    assert body["schemas"] == [URN_ERROR]
-    assert body["status"] == "401"
-    assert body.get("detail")
-    return body
+    return assert_scim_error(response, 401)
 
 
 def snapshot(db):

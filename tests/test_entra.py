@@ -17,8 +17,8 @@ import uuid
 import pytest
 
 import scim_appliance
-from conftest import PUBLIC_URL, stored_document, stored_members
-from scim_appliance import URN_ENTERPRISE, URN_ERROR, URN_GROUP, URN_LIST, URN_USER
+from conftest import assert_scim_error, PUBLIC_URL, stored_document, stored_members
+from scim_appliance import URN_ENTERPRISE, URN_GROUP, URN_LIST, URN_USER
 
 SCIM_CT = "application/scim+json"
 LIST_KEYS = {"schemas", "totalResults", "Resources", "startIndex", "itemsPerPage"}
@@ -365,15 +365,7 @@ def snapshot(db):
             db.execute("SELECT group_id, member_id FROM members ORDER BY 1, 2").fetchall())
 
 
-def assert_scim_error(response, status, scim_type=None):
-    assert response.status_int == status
-    assert response.content_type == SCIM_CT
-    body = response.json
-    assert body["schemas"] == [URN_ERROR]
-    assert body["status"] == str(status)
-    if scim_type is not None:
-        assert body["scimType"] == scim_type
-    return body
+
 
 
 def assert_list(body, total, ids=None):

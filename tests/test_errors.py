@@ -12,7 +12,7 @@ import webob
 import webtest
 
 import scim_appliance
-from conftest import PUBLIC_URL, ScimClient, stored_document, stored_members
+from conftest import assert_scim_error, media_type, PUBLIC_URL, ScimClient, stored_document, stored_members
 from scim_appliance import URN_ENTERPRISE, URN_ERROR, URN_GROUP, URN_LIST, URN_PATCH, URN_USER
 
 CUSTOM_URN = "urn:ietf:params:scim:schemas:extension:CustomExtension:2.0:User"
@@ -20,25 +20,7 @@ CUSTOM_URN = "urn:ietf:params:scim:schemas:extension:CustomExtension:2.0:User"
 
 # -- helpers -------------------------------------------------------------------
 
-def media_type(response):
-    return response.headers.get("Content-Type", "").split(";")[0].strip().lower()
 
-
-def assert_scim_error(response, status, scim_type=None):
-    """RFC 7644 §3.12: schemas, status (a string), scimType where one applies, detail."""
-    assert response.status_int == status, response.body
-    assert media_type(response) == "application/scim+json"
-    body = json.loads(response.body.decode("utf-8"))
-    assert body["schemas"] == [URN_ERROR]
-    assert body["status"] == str(status)
-    assert isinstance(body.get("detail"), str) and body["detail"]
-    if scim_type is None:
-        assert "scimType" not in body
-    elif scim_type == "*":
-        assert isinstance(body.get("scimType"), str) and body["scimType"]
-    else:
-        assert body.get("scimType") == scim_type
-    return body
 
 
 def snapshot(db):

@@ -11,7 +11,7 @@ import pytest
 import scim_appliance
 from scim_appliance import (GROUP, MAX_FILTER_DEPTH, MAX_FILTER_LENGTH, MAX_FILTER_TERMS, USER,
                             ScimError, filter_matches, filter_to_sql, parse_filter)
-from conftest import stored_document, stored_members
+from conftest import assert_scim_error, stored_document, stored_members
 
 URN_ENT = scim_appliance.URN_ENTERPRISE
 URN_SEARCH = scim_appliance.URN_SEARCH
@@ -54,13 +54,7 @@ def snapshot(db):
 
 def assert_invalid_filter_response(response):
     """RFC 7644 §3.4.2.2 / §3.12: 400 with scimType invalidFilter, as a SCIM error."""
-    assert response.status_int == 400
-    assert response.content_type == "application/scim+json"
-    body = response.json
-    assert body["schemas"] == [URN_ERROR]
-    assert body["status"] == "400"
-    assert body["scimType"] == "invalidFilter"
-    assert body.get("detail")
+    body = assert_scim_error(response, 400, "invalidFilter")
     assert "Resources" not in body
 
 

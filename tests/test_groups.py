@@ -6,8 +6,8 @@ import json
 import pytest
 
 import scim_appliance
-from conftest import PUBLIC_URL, stored_document, stored_members
-from scim_appliance import URN_ERROR, URN_GROUP, URN_LIST
+from conftest import assert_scim_error, PUBLIC_URL, stored_document, stored_members
+from scim_appliance import URN_GROUP, URN_LIST
 
 USERS_URL = PUBLIC_URL + "/scim/Users/"
 GROUPS_URL = PUBLIC_URL + "/scim/Groups/"
@@ -35,15 +35,7 @@ def snapshot(db, group_id):
     return group_row(db, group_id), member_rows(db, group_id)
 
 
-def assert_error(response, status, scim_type=None):
-    assert response.status_int == status
-    assert response.content_type == "application/scim+json"
-    body = response.json
-    assert body["schemas"] == [URN_ERROR]
-    assert body["status"] == str(status)
-    if scim_type is not None:
-        assert body["scimType"] == scim_type
-    return body
+
 
 
 def user_member(user):
@@ -119,7 +111,7 @@ def test_post_group_with_invalid_member_is_400_and_stores_nothing(client, db, us
     members = [dict(m, value=users[0]["id"]) if m.get("value") == "USER" else m for m in members]
     response = client.post("/Groups", {"schemas": [URN_GROUP], "displayName": "Broken",
                                        "members": members}, status=400)
-    assert_error(response, 400, "invalidValue")
+    assert_scim_error(response, 400, "invalidValue")
     assert group_count(db) == 0
     assert db.execute("SELECT count(*) FROM members").fetchone()[0] == 0
 
@@ -130,14 +122,14 @@ def test_post_group_with_invalid_member_is_400_and_stores_nothing(client, db, us
 ])
 def test_post_group_without_display_name_is_400_and_stores_nothing(client, db, body):
     """RFC 7643 §4.2: displayName is required."""
-    assert_error(client.post("/Groups", body, status=400), 400, "invalidValue")
+    assert_scim_error(client.post("/Groups", body, status=400), 400, "invalidValue")
     assert group_count(db) == 0
 
 
 @pytest.mark.parametrize("raw", [b"[]", b'"group"', b"1"])
 def test_post_group_with_non_object_body_is_400(client, db, raw):
     """RFC 7644 §3.3: the body must be a JSON object."""
-    assert_error(client.request("POST", "/Groups", raw=raw, status=400), 400, "invalidSyntax")
+    assert_scim_error(client.request("POST", "/Groups", raw=raw, status=400), 400, "invalidSyntax")
     assert group_count(db) == 0
 
 
@@ -146,7 +138,7 @@ def test_post_group_with_non_object_body_is_400(client, db, raw):
 def test_duplicate_display_name_is_409_uniqueness(client, db, first, second):
     """R41: group displayName unique, compared case-insensitively → 409 uniqueness."""
     existing = client.create_group(first)
-    error = assert_error(client.post("/Groups", {"displayName": second}, status=409), 409, "uniqueness")
+    error = assert_scim_error(client.post("/Groups", {"displayName": second}, status=409), 409, "uniqueness")
     assert error["detail"]
     assert group_count(db) == 1
     assert group_row(db, existing["id"])["display_name"] == first
@@ -209,11 +201,11 @@ def test_unknown_group_id_is_404(client, db):
     """R14: 404 with the Error schema for GET, PUT, PATCH and DELETE of an unknown group."""
     client.create_group("Exists")
     missing = "/Groups/cdb1ce18f65944079d37"
-    assert_error(client.get(missing, status=404), 404)
-    assert_error(client.put(missing, {"displayName": "X"}, status=404), 404)
-    assert_error(client.patch(missing, [{"op": "replace", "path": "displayName", "value": "X"}],
+    assert_scim_error(client.get(missing, status=404), 404)
+    assert_scim_error(client.put(missing, {"displayName": "X"}, status=404), 404)
+    assert_scim_error(client.patch(missing, [{"op": "replace", "path": "displayName", "value": "X"}],
                               status=404), 404)
-    assert_error(client.delete(missing, status=404), 404)
+    assert_scim_error(client.delete(missing, status=404), 404)
     assert group_count(db) == 1
     assert group_row(db, "cdb1ce18f65944079d37") is None
 
@@ -270,7 +262,7 @@ def test_put_to_another_groups_display_name_is_409_and_changes_nothing(client, d
     before = snapshot(db, group["id"])
     response = client.put("/Groups/" + group["id"], {
         "displayName": name, "members": [{"value": users[1]["id"]}]}, status=409)
-    assert_error(response, 409, "uniqueness")
+    assert_scim_error(response, 409, "uniqueness")
     assert snapshot(db, group["id"]) == before
 
 
@@ -292,7 +284,7 @@ def test_put_with_invalid_member_is_400_and_changes_nothing(client, db, users, m
     before = snapshot(db, group["id"])
     response = client.put("/Groups/" + group["id"], {"displayName": "Renamed", "members": members},
                           status=400)
-    assert_error(response, 400, "invalidValue")
+    assert_scim_error(response, 400, "invalidValue")
     assert snapshot(db, group["id"]) == before
 
 
@@ -303,7 +295,7 @@ def test_put_with_stale_if_match_is_412_and_changes_nothing(client, db, users):
     before = snapshot(db, group["id"])
     response = client.put("/Groups/" + group["id"], {"displayName": "Stale"},
                           headers={"If-Match": 'W/"1"'}, status=412)
-    assert_error(response, 412)
+    assert_scim_error(response, 412)
     assert snapshot(db, group["id"]) == before
     ok = client.put("/Groups/" + group["id"], {"displayName": "Fresh"}, headers={"If-Match": 'W/"2"'})
     assert ok.json["meta"]["version"] == 'W/"3"'
@@ -320,7 +312,7 @@ def test_delete_group_removes_it_and_its_memberships(client, db, users):
         group["id"], kept["id"]}
     response = client.delete("/Groups/" + group["id"])
     assert response.status_int == 204 and response.body == b""
-    assert_error(client.get("/Groups/" + group["id"], status=404), 404)
+    assert_scim_error(client.get("/Groups/" + group["id"], status=404), 404)
     assert group_row(db, group["id"]) is None
     assert member_rows(db, group["id"]) == []
     assert stored_members(db, kept["id"]) == {users[0]["id"]}
@@ -329,7 +321,7 @@ def test_delete_group_removes_it_and_its_memberships(client, db, users):
         assert "groups" not in client.get("/Users/" + user["id"]).json
     listed = client.get("/Groups").json
     assert [g["id"] for g in listed["Resources"]] == [kept["id"]]
-    assert_error(client.delete("/Groups/" + group["id"], status=404), 404)
+    assert_scim_error(client.delete("/Groups/" + group["id"], status=404), 404)
 
 
 def test_deleting_a_member_user_bumps_the_group_version(client, db, users):
@@ -346,7 +338,7 @@ def test_deleting_a_member_user_bumps_the_group_version(client, db, users):
     assert group_row(db, untouched["id"])["version"] == 1
     # The old ETag no longer matches.
     assert client.get("/Groups/" + group["id"], headers={"If-None-Match": 'W/"1"'}).status_int == 200
-    assert_error(client.put("/Groups/" + group["id"], {"displayName": "X"},
+    assert_scim_error(client.put("/Groups/" + group["id"], {"displayName": "X"},
                             headers={"If-Match": 'W/"1"'}, status=412), 412)
 
 
@@ -382,7 +374,7 @@ def test_a_group_cannot_contain_itself(client, db, users, how):
         op = "add" if how == "patch-add" else "replace"
         response = client.patch("/Groups/" + group["id"], [
             {"op": op, "path": "members", "value": [{"value": group["id"]}]}], status=400)
-    assert_error(response, 400, "invalidValue")
+    assert_scim_error(response, 400, "invalidValue")
     assert snapshot(db, group["id"]) == before
 
 

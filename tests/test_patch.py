@@ -13,8 +13,8 @@ import json
 import pytest
 
 import scim_appliance
-from scim_appliance import GROUP, URN_ENTERPRISE, URN_ERROR, URN_GROUP, URN_PATCH, URN_USER, USER, ScimError
-from conftest import stored_document, stored_members
+from scim_appliance import GROUP, URN_ENTERPRISE, URN_GROUP, URN_PATCH, URN_USER, USER, ScimError
+from conftest import assert_scim_error, stored_document, stored_members
 
 CUSTOM = "urn:ietf:params:scim:schemas:extension:CustomExtension:2.0:User"
 LOCATION = "https://scim.example.com/scim"
@@ -61,16 +61,7 @@ def stored_version(db, table, resource_id):
     return db.execute("SELECT version FROM %s WHERE id = ?" % table, (resource_id,)).fetchone()[0]
 
 
-def assert_scim_error(response, status, scim_type=None):
-    assert response.status_int == status, response.body
-    assert response.content_type == "application/scim+json"
-    body = response.json
-    assert body["schemas"] == [URN_ERROR]
-    assert body["status"] == str(status)
-    if scim_type is not None:
-        assert body.get("scimType") == scim_type, body
-    assert body.get("detail")
-    return body
+
 
 
 def raw_patch(client, path, body, status=None, **kw):
@@ -1020,7 +1011,7 @@ def test_removing_required_username_is_400_and_unchanged(client, db, user):
     """RFC 7643 §4.1.1: userName is required; removing it fails."""
     before = user_state(db, user["id"])
     assert_scim_error(client.patch("/Users/" + user["id"], [{"op": "Remove", "path": "userName"}], status=400),
-                      400)
+                      400, "invalidValue")
     assert user_state(db, user["id"]) == before
 
 
@@ -1028,7 +1019,8 @@ def test_removing_required_username_is_400_and_unchanged(client, db, user):
 def test_replacing_username_with_blank_is_400(client, db, user, value):
     before = user_state(db, user["id"])
     assert_scim_error(client.patch("/Users/" + user["id"],
-                                   [{"op": "Replace", "path": "userName", "value": value}], status=400), 400)
+                                   [{"op": "Replace", "path": "userName", "value": value}], status=400),
+                      400, "invalidValue")
     assert user_state(db, user["id"]) == before
 
 
@@ -1249,7 +1241,7 @@ def test_failing_operation_after_member_changes_leaves_group_unchanged(client, d
 @pytest.mark.parametrize("operation, scim_type", [
     ({"op": "Replace", "path": "members.display", "value": "x"}, "mutability"),
     ({"op": "Replace", "path": "id", "value": "x"}, "mutability"),
-    ({"op": "Remove", "path": "displayName"}, None),
+    ({"op": "Remove", "path": "displayName"}, "invalidValue"),
     ({"op": "Add", "path": "members", "value": [{"display": "no id"}]}, "invalidValue"),
     ({"op": "Add", "path": "members[value eq \"x\"]", "value": [{"value": "x"}]}, "invalidPath"),
     ({"op": "Remove"}, "noTarget"),

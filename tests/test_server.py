@@ -20,7 +20,7 @@ import urllib.request
 import uuid
 
 import scim_appliance
-from conftest import ROOT, SCIM_JSON, LiveServer, free_port, run_cli
+from conftest import ROOT, LiveServer, free_port, http_json, run_cli
 from scim_appliance import URN_ENTERPRISE, URN_GROUP, URN_LIST, URN_PATCH, URN_USER
 
 SCRIPT = os.path.join(ROOT, "scim_appliance.py")
@@ -105,21 +105,6 @@ def stop_process(process):
     process.stderr.close()
     return process.returncode, output
 
-
-def http(method, url, body=None, token=None):
-    """(status, headers, parsed JSON or None) for one request to an absolute URL."""
-    headers = {"Content-Type": SCIM_JSON} if body is not None else {}
-    if token:
-        headers["Authorization"] = "Bearer " + token
-    data = None if body is None else json.dumps(body).encode("utf-8")
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            raw = response.read()
-            return response.status, response.headers, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as error:
-        raw = error.read()
-        return error.code, error.headers, json.loads(raw) if raw else None
 
 
 def db_bytes(db_path):
@@ -419,7 +404,7 @@ def test_environment_variables_instead_of_flags(tmp_path):
         assert "SCIM endpoint: %s/scim" % PUBLIC_URL in banner
         assert not any("token create" in line for line in banner)   # the env db has a token
         wait_for_port(port)
-        status, headers, user = http("POST", "http://127.0.0.1:%d/scim/Users" % port,
+        status, headers, user = http_json("POST", "http://127.0.0.1:%d/scim/Users" % port,
                                      {"schemas": [URN_USER], "userName": "env@x.com"}, token=token)
         assert status == 201
         assert user["meta"]["location"] == "%s/scim/Users/%s" % (PUBLIC_URL, user["id"])
@@ -449,9 +434,9 @@ def test_no_arguments_serves_with_the_defaults(tmp_path):
     try:
         assert "SCIM endpoint: http://127.0.0.1:%d/scim" % port in banner
         wait_for_port(port)
-        status, headers, config = http("GET", "http://127.0.0.1:%d/scim/ServiceProviderConfig" % port)
+        status, headers, config = http_json("GET", "http://127.0.0.1:%d/scim/ServiceProviderConfig" % port)
         assert status == 200 and config["patch"]["supported"] is True
-        status, _, _ = http("GET", "http://127.0.0.1:%d/scim/Users" % port)
+        status, _, _ = http_json("GET", "http://127.0.0.1:%d/scim/Users" % port)
         assert status == 401
     finally:
         code, output = stop_process(process)

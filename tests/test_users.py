@@ -12,8 +12,8 @@ import uuid
 import pytest
 
 import scim_appliance
-from conftest import PUBLIC_URL, stored_document, stored_members
-from scim_appliance import URN_ENTERPRISE, URN_ERROR, URN_LIST, URN_SEARCH, URN_USER
+from conftest import assert_scim_error, PUBLIC_URL, stored_document, stored_members
+from scim_appliance import URN_ENTERPRISE, URN_LIST, URN_SEARCH, URN_USER
 
 USERS_URL = PUBLIC_URL + "/scim/Users/"
 GROUPS_URL = PUBLIC_URL + "/scim/Groups/"
@@ -41,15 +41,7 @@ def snapshot(db, user_id):
     return row, memberships
 
 
-def assert_error(response, status, scim_type=None):
-    assert response.status_int == status
-    assert response.content_type == "application/scim+json"
-    body = response.json
-    assert body["schemas"] == [URN_ERROR]
-    assert body["status"] == str(status)
-    if scim_type is not None:
-        assert body["scimType"] == scim_type
-    return body
+
 
 
 def list_users(client, query=""):
@@ -212,14 +204,14 @@ def test_location_comes_from_public_url_not_request_headers(client, db):
 ], ids=["absent", "empty", "blank", "null", "other-attributes-only"])
 def test_post_user_without_username_is_400_and_stores_nothing(client, db, body):
     """RFC 7643 §4.1.1: userName is required; RFC 7644 §3.12 invalidValue."""
-    assert_error(client.post("/Users", body, status=400), 400, "invalidValue")
+    assert_scim_error(client.post("/Users", body, status=400), 400, "invalidValue")
     assert user_count(db) == 0
 
 
 @pytest.mark.parametrize("raw", [b"[]", b'"a user"', b"42", b"null", b'[{"userName": "x"}]'])
 def test_post_user_with_non_object_body_is_400(client, db, raw):
     """RFC 7644 §3.3: the body is a resource, a JSON object (invalidSyntax)."""
-    assert_error(client.request("POST", "/Users", raw=raw, status=400), 400, "invalidSyntax")
+    assert_scim_error(client.request("POST", "/Users", raw=raw, status=400), 400, "invalidSyntax")
     assert user_count(db) == 0
 
 
@@ -233,7 +225,7 @@ def test_post_user_with_non_object_body_is_400(client, db, raw):
 ])
 def test_post_user_with_wrongly_typed_value_is_400_and_stores_nothing(client, db, body):
     """R33: invalid values are rejected with a descriptive message (invalidValue)."""
-    error = assert_error(client.post("/Users", body, status=400), 400, "invalidValue")
+    error = assert_scim_error(client.post("/Users", body, status=400), 400, "invalidValue")
     assert error["detail"]
     assert user_count(db) == 0
 
@@ -524,7 +516,7 @@ def test_patch_on_groups_is_refused_as_read_only(client, db, operation):
     user = client.create_user("ro@example.com")
     group = client.create_group("G", members=[{"value": user["id"]}])
     before = snapshot(db, user["id"])
-    assert_error(client.patch("/Users/" + user["id"], [operation], status=400), 400, "mutability")
+    assert_scim_error(client.patch("/Users/" + user["id"], [operation], status=400), 400, "mutability")
     assert snapshot(db, user["id"]) == before
     assert stored_members(db, group["id"]) == {user["id"]}
 
@@ -545,7 +537,7 @@ CASE_PAIRS = [
 def test_duplicate_username_on_post_is_409_with_unicode_case_folding(client, db, first, second):
     """R15, RFC 7644 §3.3: 409 uniqueness; userName is caseExact false (full folding)."""
     existing = client.create_user(first)
-    error = assert_error(client.post("/Users", {"userName": second}, status=409), 409, "uniqueness")
+    error = assert_scim_error(client.post("/Users", {"userName": second}, status=409), 409, "uniqueness")
     assert error["detail"]
     assert user_count(db) == 1
     assert user_row(db, existing["id"])["user_name"] == first
@@ -559,7 +551,7 @@ def test_put_to_another_users_name_in_other_case_is_409_and_changes_nothing(clie
     before = snapshot(db, other["id"])
     response = client.put("/Users/" + other["id"], {"userName": second, "displayName": "Changed"},
                           status=409)
-    assert_error(response, 409, "uniqueness")
+    assert_scim_error(response, 409, "uniqueness")
     assert snapshot(db, other["id"]) == before
 
 
@@ -573,7 +565,7 @@ def test_patch_to_another_users_name_in_other_case_is_409_and_changes_nothing(
     before = snapshot(db, other["id"])
     operation = ({"op": "replace", "path": "userName", "value": second} if style == "path"
                  else {"op": "replace", "value": {"userName": second, "displayName": "Changed"}})
-    assert_error(client.patch("/Users/" + other["id"], [operation], status=409), 409, "uniqueness")
+    assert_scim_error(client.patch("/Users/" + other["id"], [operation], status=409), 409, "uniqueness")
     assert snapshot(db, other["id"]) == before
 
 
@@ -615,7 +607,7 @@ def test_unknown_user_id_is_404_with_a_scim_error(client, db, method, body):
                                 [{"op": "replace", "path": "displayName", "value": "x"}], status=404)
     else:
         response = client.request(method, "/Users/5171a35d82074e068ce2", body, status=404)
-    assert_error(response, 404)
+    assert_scim_error(response, 404)
     assert user_count(db) == 1
     assert user_row(db, "5171a35d82074e068ce2") is None
 
@@ -639,7 +631,7 @@ def test_delete_user_removes_it_everywhere(client, db):
     response = client.delete("/Users/" + user["id"])
     assert response.status_int == 204
     assert response.body == b""
-    assert_error(client.get("/Users/" + user["id"], status=404), 404)
+    assert_scim_error(client.get("/Users/" + user["id"], status=404), 404)
     assert user_names(list_users(client)) == ["stays@example.com"]
     assert list_users(client, '?filter=userName eq "gone@example.com"')["totalResults"] == 0
     for group in groups:
@@ -647,7 +639,7 @@ def test_delete_user_removes_it_everywhere(client, db):
         members = client.get("/Groups/" + group["id"]).json["members"]
         assert [m["value"] for m in members] == [keep["id"]]
     assert user_row(db, user["id"]) is None
-    assert_error(client.delete("/Users/" + user["id"], status=404), 404)
+    assert_scim_error(client.delete("/Users/" + user["id"], status=404), 404)
     assert user_row(db, keep["id"]) is not None
 
 
@@ -689,7 +681,7 @@ def test_put_without_username_is_400_and_changes_nothing(client, db):
     """RFC 7643 §4.1.1: the replacement must still have a userName."""
     user = client.create_user("keep@example.com", displayName="K")
     before = snapshot(db, user["id"])
-    assert_error(client.put("/Users/" + user["id"], {"displayName": "X"}, status=400), 400,
+    assert_scim_error(client.put("/Users/" + user["id"], {"displayName": "X"}, status=400), 400,
                  "invalidValue")
     assert snapshot(db, user["id"]) == before
 
@@ -702,7 +694,7 @@ def test_put_with_stale_if_match_is_412_and_changes_nothing(client, db, stale):
     before = snapshot(db, user["id"])
     response = client.put("/Users/" + user["id"], {"userName": "etag@example.com", "title": "New"},
                           headers={"If-Match": stale}, status=412)
-    assert_error(response, 412)
+    assert_scim_error(response, 412)
     assert snapshot(db, user["id"]) == before
 
 
@@ -720,7 +712,7 @@ def test_put_with_matching_if_match_succeeds(client, db, header):
 def test_delete_with_stale_if_match_is_412_and_keeps_the_user(client, db):
     """RFC 7644 §3.14 applies to DELETE as well."""
     user = client.create_user("etag-del@example.com")
-    assert_error(client.delete("/Users/" + user["id"], headers={"If-Match": 'W/"9"'}, status=412), 412)
+    assert_scim_error(client.delete("/Users/" + user["id"], headers={"If-Match": 'W/"9"'}, status=412), 412)
     assert user_row(db, user["id"]) is not None
     client.delete("/Users/" + user["id"], headers={"If-Match": 'W/"1"'})
     assert user_row(db, user["id"]) is None
@@ -837,7 +829,7 @@ def test_count_above_the_maximum_is_capped(client, db, monkeypatch):
                                    "?count=0x10", "?startIndex=2&count=ten"])
 def test_non_integer_paging_parameters_are_400(client, seven_users, query):
     """RFC 7644 §3.4.2.4: startIndex and count are integers (invalidValue)."""
-    assert_error(client.get("/Users" + query, status=400), 400, "invalidValue")
+    assert_scim_error(client.get("/Users" + query, status=400), 400, "invalidValue")
 
 
 @pytest.mark.parametrize("body", [
@@ -846,7 +838,7 @@ def test_non_integer_paging_parameters_are_400(client, seven_users, query):
 def test_non_integer_paging_in_search_request_is_400(client, seven_users, body):
     """RFC 7644 §3.4.3: a SearchRequest's startIndex and count are integers."""
     request = dict(body, schemas=[URN_SEARCH])
-    assert_error(client.post("/Users/.search", request, status=400), 400, "invalidValue")
+    assert_scim_error(client.post("/Users/.search", request, status=400), 400, "invalidValue")
 
 
 def test_search_request_pages_like_get(client, seven_users):
@@ -897,7 +889,7 @@ def test_sort_by_emails_uses_the_primary_value(client, db):
                                    "?sortBy=userName&sortOrder=asc"])
 def test_invalid_sort_order_is_400(client, seven_users, query):
     """RFC 7644 §3.4.2.3: sortOrder is "ascending" or "descending"."""
-    assert_error(client.get("/Users" + query, status=400), 400, "invalidValue")
+    assert_scim_error(client.get("/Users" + query, status=400), 400, "invalidValue")
 
 
 # -- attributes / excludedAttributes (RFC 7644 §3.4.2.5, R31) ------------------------
