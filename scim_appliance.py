@@ -151,7 +151,8 @@ class ScimError(Exception):
         if self.scim_type:
             body["scimType"] = self.scim_type
         if self.detail:
-            body["detail"] = self.detail
+            # A detail may quote the client's input; keep it encodable.
+            body["detail"] = self.detail.encode("utf-8", "backslashreplace").decode("utf-8")
         return body
 
 
@@ -268,14 +269,17 @@ class Store:
         self._local = threading.local()
         self._connections = []
         self._lock = threading.Lock()
-        conn = self._connection()
         try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
+            mode = self._connection().execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise DatabaseError("cannot switch %s to WAL mode (got %s)" % (path, mode))
+            self.migrate()
+        except sqlite3.DatabaseError as exc:   # not a database, unreadable, unwritable
+            self.close()
             raise DatabaseError("%s is not a usable SQLite database: %s" % (path, exc)) from exc
-        if mode.lower() != "wal" and path != ":memory:":
-            raise DatabaseError("cannot switch %s to WAL mode (got %s)" % (path, mode))
-        self.migrate()
+        except DatabaseError:
+            self.close()
+            raise
 
     def _connection(self):
         conn = getattr(self._local, "conn", None)
@@ -328,16 +332,19 @@ class Store:
         at a time; `PRAGMA user_version` is transactional and is bumped in the
         migration's own transaction (design.md §2).
         """
-        conn = self._connection()
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise DatabaseError("%s has schema version %d; this scim-appliance knows up to %d"
-                                % (self.path, version, SCHEMA_VERSION))
-        for number in range(version + 1, SCHEMA_VERSION + 1):
+        while True:
             with self.write() as tx:
-                for statement in MIGRATIONS[number - 1]:
+                # Read under the write lock: another process (`token create`
+                # while `serve` starts) may have migrated in the meantime.
+                version = tx.conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise DatabaseError("%s has schema version %d; this scim-appliance knows up to %d"
+                                        % (self.path, version, SCHEMA_VERSION))
+                if version == SCHEMA_VERSION:
+                    return
+                for statement in MIGRATIONS[version]:
                     tx.conn.execute(statement)
-                tx.conn.execute("PRAGMA user_version=%d" % number)
+                tx.conn.execute("PRAGMA user_version=%d" % (version + 1))
 
 
 def _sql_fold(value):
@@ -868,11 +875,17 @@ def resolve_attribute(resource_type, urn, name, sub=None, custom_ok=False):
 # "True"/"False" (R18), the manager as a plain id string or a one-element
 # list (R25, R27), nulls meaning "unassigned" (RFC 7643 §2.5, R7).
 
+# "\ud800" alone is valid JSON text but no Unicode text: it cannot be stored or sent as UTF-8.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 
 
-def invalid_value(where, expected, value):
-    shown = json.dumps(value, ensure_ascii=False)
+def invalid_value(where, expected, value, attribute=None):
+    """400 invalidValue naming what was expected. A writeOnly value (a
+    password) is never repeated: Entra copies error details into its logs."""
+    if attribute is not None and attribute.mutability == "writeOnly":
+        return ScimError(400, "invalidValue", "%s must be %s" % (where, expected))
+    shown = json.dumps(value, ensure_ascii=True)
     if len(shown) > 80:
         shown = shown[:77] + "..."
     return ScimError(400, "invalidValue", "%s must be %s, got %s" % (where, expected, shown))
@@ -902,7 +915,7 @@ def coerce_single(attribute, value, where):
         if isinstance(value, str) and attribute.sub("value"):
             value = {"value": value}   # manager as a plain id string (R25)
         if not isinstance(value, dict):
-            raise invalid_value(where, "an object", value)
+            raise invalid_value(where, "an object", value, attribute)
         result = {}
         for key, item in value.items():
             sub = attribute.sub(key)
@@ -917,24 +930,24 @@ def coerce_single(attribute, value, where):
             return value
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):
             return value.strip().lower() == "true"   # Entra's "True"/"False" (R18)
-        raise invalid_value(where, "a boolean", value)
+        raise invalid_value(where, "a boolean", value, attribute)
     if kind == "integer":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise invalid_value(where, "an integer", value)
+        raise invalid_value(where, "an integer", value, attribute)
     if kind == "decimal":
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return value
-        raise invalid_value(where, "a number", value)
+        raise invalid_value(where, "a number", value, attribute)
     if not isinstance(value, str):
-        raise invalid_value(where, "a string", value)
+        raise invalid_value(where, "a string", value, attribute)
     if kind == "dateTime" and not DATE_TIME.match(value):
-        raise invalid_value(where, "an xsd:dateTime such as 2008-01-23T04:56:22Z", value)
+        raise invalid_value(where, "an xsd:dateTime such as 2008-01-23T04:56:22Z", value, attribute)
     if kind == "binary":
         try:
             base64.b64decode(value, validate=True)
         except ValueError:
-            raise invalid_value(where, "base64-encoded binary", value) from None
+            raise invalid_value(where, "base64-encoded binary", value, attribute) from None
     return value
 
 
@@ -966,11 +979,16 @@ def coerce_members(value):
     return members
 
 
+# An extension URN we keep without a schema: letters, digits, '.', '-', '_'
+# between colons. Nothing else, so such a URN is safe inside a JSON path.
+CUSTOM_URN = re.compile(r"^urn(:[\w.\-]+)+$", re.IGNORECASE | re.ASCII)
+
+
 def is_custom_extension(resource_type, urn):
     """Whether `urn` may name an extension we have no schema for: a URN that
     is neither a known schema, nor an attribute of one, nor reserved."""
     folded = urn.lower()
-    return (folded.startswith("urn:") and resource_type.schema_by_urn(urn) is None
+    return (CUSTOM_URN.match(urn) is not None and resource_type.schema_by_urn(urn) is None
             and resource_type.schema_by_urn(urn.rpartition(":")[0]) is None
             and not folded.startswith(("urn:ietf:params:scim:schemas:core:", "urn:ietf:params:scim:api:")))
 
@@ -1016,8 +1034,10 @@ def canonical_document(resource_type, body):
             continue   # dotted keys belong to PATCH; a POST body nests them
         if resource_type is GROUP and path.attribute.name == "members":
             item = coerce_members(value) if value is not None else None
-        else:
+        elif path.core or resource_type.schema_by_urn(path.urn) is not None:
             item = coerce_value(path.attribute, value, path.attribute.name)
+        else:
+            item = coerce_custom(value, key)   # a custom extension's attribute: any JSON
         if item is None:
             continue
         if path.core:
@@ -1067,7 +1087,7 @@ def render_resource(resource_type, row, base_url, members=None, groups=None):
     if resource_type is GROUP and members is not None:
         resource["members"] = [_render_member(base_url, member) for member in members]
     for key, value in document.items():
-        if key.startswith("urn:") or key.startswith("URN:"):
+        if key.lower().startswith("urn:"):
             schemas.append(key)
             resource[key] = value
     manager = resource.get(URN_ENTERPRISE, {}).get("manager")
@@ -1224,7 +1244,7 @@ _FILTER_TOKEN = re.compile(r"""
     (?P<space>\s+)
   | (?P<string>"(?:[^"\\\x00-\x1f]|\\.)*")
   | (?P<punct>[()\[\]])
-  | (?P<number>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)(?![\w.:$])
+  | (?P<number>-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?)(?![\w.:$])
   | (?P<word>[\w$:.\-]+)
 """, re.VERBOSE)
 
@@ -1249,7 +1269,10 @@ def _tokenize_filter(text):
                 try:
                     value = json.loads(value)
                 except ValueError:
-                    raise invalid_filter("invalid string %s" % value) from None
+                    raise invalid_filter("invalid string at position %d" % (position + 1)) from None
+                if LONE_SURROGATE.search(value):
+                    raise invalid_filter("unpaired surrogate escape in the string at position %d"
+                                         % (position + 1))
             elif kind == "number":
                 value = json.loads(value)
             tokens.append((kind, value, position + 1))
@@ -1472,6 +1495,9 @@ def _resolve_filter_path(text, resource_type):
 
 
 def _json_path(urn, name, sub, core):
+    """A JSON path into a stored document. Its parts are schema names, names
+    matching ATTRIBUTE_NAME and URNs matching CUSTOM_URN, none of which can
+    hold a quote; filter values never appear in SQL text, only as parameters."""
     path = "$" if core else '$."%s"' % urn
     path += '."%s"' % name
     if sub:
@@ -1591,17 +1617,23 @@ def _compare_sql(node, expr, attribute, folded):
 def _utc_text(value):
     """An xsd:dateTime as UTC text SQLite's julianday() reads, to the microsecond."""
     instant = _instant(value)
+    if instant is None:
+        raise invalid_filter("%s is not a date and time" % json.dumps(value))
     return instant.strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
 def _instant(value):
-    """An xsd:dateTime (already checked against DATE_TIME) as an aware UTC datetime."""
+    """An xsd:dateTime (already checked against DATE_TIME) as an aware UTC
+    datetime, or None when the fields name no real instant."""
     text = value[:-1] + "+00:00" if value.endswith("Z") else value
     head, dot, rest = text.partition(".")
     if dot:   # fromisoformat before 3.11 takes only 3 or 6 fraction digits
         digits = re.match(r"\d+", rest).group()
         text = head + "." + (digits + "000000")[:6] + rest[len(digits):]
-    return datetime.datetime.fromisoformat(text).astimezone(datetime.timezone.utc)
+    try:
+        return datetime.datetime.fromisoformat(text).astimezone(datetime.timezone.utc)
+    except ValueError:   # shaped like a date, but not one: 2020-13-45T00:00:00Z
+        return None
 
 
 def _filter_operand(name, attribute, operator, value):
@@ -1669,6 +1701,8 @@ def filter_matches(node, item, attribute):
         if not DATE_TIME.match(value) or not isinstance(actual, str) or not DATE_TIME.match(actual):
             return False
         actual, value = _instant(actual), _instant(value)
+        if actual is None or value is None:
+            return False
     try:
         if operator == "eq":
             return actual == value
@@ -1995,17 +2029,17 @@ def _apply_multi_valued(op, container, key, patch_path, value, has_value):
     matched = [i for i, item in enumerate(items)
                if value_filter is None or filter_matches(value_filter, item, attribute)]
     if op == "remove":
-        if sub is None:
-            items = [item for i, item in enumerate(items) if i not in matched]
-        else:
+        emptied = set(matched)
+        if sub is not None:
+            emptied = set()
             for i in matched:
                 if has_value and value is not None and items[i].get(sub.name) != value:
                     continue   # a Remove carrying a value removes only that value (R29)
                 items[i] = {k: v for k, v in items[i].items() if k != sub.name}
-            # An entry without its value (a bare {"type": "work"}) is no entry.
-            if attribute.sub("value") is not None:
-                items = [item for item in items if "value" in item]
-            items = [item for item in items if item]
+                # An entry that lost its value (a bare {"type": "work"}) is no entry.
+                if not items[i] or (sub.name == "value" and attribute.sub("value") is not None):
+                    emptied.add(i)
+        items = [item for i, item in enumerate(items) if i not in emptied]
         _set_or_drop(container, key, items or None)
         return
     if sub is not None:
@@ -2026,7 +2060,7 @@ def _apply_multi_valued(op, container, key, patch_path, value, has_value):
         if new_item is None:
             raise ScimError(400, "invalidValue", "%s needs an object value" % op)
         if not matched:
-            seed = _filter_seed(value_filter, attribute) if value_filter is not None else {}
+            seed = _filter_seed(value_filter, attribute)
             if seed is None:
                 raise ScimError(400, "noTarget", "no %s value matches the filter" % where)
             items.append(seed)
@@ -2046,8 +2080,10 @@ def _item_identity(item):
 
 
 def _filter_seed(value_filter, attribute):
-    """The item a filter of eq-comparisons describes ({"type": "work"}), or
-    None when the filter is anything else and so cannot be built from."""
+    """The item a filter of eq-comparisons describes ({"type": "work"}; {}
+    for no filter), or None when the filter cannot be built from."""
+    if value_filter is None:
+        return {}
     terms = value_filter[1] if value_filter[0] == "and" else [value_filter]
     seed = {}
     for term in terms:
@@ -2454,15 +2490,24 @@ def _object_without_duplicates(pairs):
     return dict(pairs)
 
 
-def _json_depth(value):
-    """How many objects and arrays are nested in `value` at the deepest point."""
-    depth, stack = 0, [(value, 1)]
+def _check_json(value):
+    """Raise ScimError unless `value` nests at most MAX_JSON_DEPTH objects and
+    arrays and no string or key in it holds a lone surrogate."""
+    stack = [(value, 1)]
     while stack:
         item, level = stack.pop()
-        if isinstance(item, (dict, list)):
-            depth = max(depth, level)
-            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
-    return depth
+        if isinstance(item, str):
+            if LONE_SURROGATE.search(item):
+                raise ScimError(400, "invalidSyntax", "the request body holds an unpaired surrogate escape")
+        elif isinstance(item, (dict, list)):
+            if level > MAX_JSON_DEPTH:
+                raise ScimError(400, "invalidSyntax", "the request body is nested deeper than %d levels"
+                                % MAX_JSON_DEPTH)
+            if isinstance(item, dict):
+                stack.extend((k, level) for k in item)
+                stack.extend((v, level + 1) for v in item.values())
+            else:
+                stack.extend((v, level + 1) for v in item)
 
 
 def _finite_float(text):
@@ -2488,9 +2533,7 @@ def parse_json_body(raw):
         raise ScimError(400, "invalidSyntax", "the request body is nested too deeply") from None
     except ValueError as exc:
         raise ScimError(400, "invalidSyntax", "the request body is not valid JSON: %s" % exc) from None
-    if _json_depth(value) > MAX_JSON_DEPTH:
-        raise ScimError(400, "invalidSyntax", "the request body is nested deeper than %d levels"
-                        % MAX_JSON_DEPTH)
+    _check_json(value)
     return value
 
 
@@ -2900,10 +2943,10 @@ def serve(settings, out=sys.stdout):
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.command is None:
-        args = parser.parse_args(["serve"] + (sys.argv[1:] if argv is None else list(argv)))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")   # `scim_appliance.py [serve] --port 9000`
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
             _positive(args.threads, "--threads")

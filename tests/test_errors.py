@@ -338,6 +338,24 @@ def test_numbers_overflowing_to_infinity_are_refused(client, db, user, number):
     assert snapshot(db) == before
 
 
+@pytest.mark.parametrize("raw", [
+    b'{"userName": "x\\ud800"}',                     # a lone high surrogate
+    b'{"userName": "a", "active": "\\udfff"}',        # one that lands in the error detail
+    b'{"userName": "a", "\\ud800": 1}',               # in a key
+])
+def test_lone_surrogates_in_the_body_are_invalid_syntax(client, db, raw):
+    """"\\ud800" is valid JSON text but no Unicode text: it can be neither stored nor sent."""
+    before = db.execute("SELECT count(*) FROM users").fetchone()[0]
+    assert_scim_error(client.request("POST", "/Users", raw=raw, status="*"), 400, "invalidSyntax")
+    assert db.execute("SELECT count(*) FROM users").fetchone()[0] == before
+
+
+def test_paired_surrogate_escapes_are_one_character(client, db):
+    created = client.post("/Users", None, raw=b'{"userName": "smile\\ud83d\\ude00@example.com"}').json
+    assert created["userName"] == "smile\U0001F600@example.com"
+    assert stored_document(db, "users", created["id"])["userName"] == "smile\U0001F600@example.com"
+
+
 def test_large_but_finite_numbers_round_trip_as_strict_json(client, db):
     """Big integers and ordinary decimals in a custom extension are kept and returned as valid JSON."""
     raw = ('{"schemas":["%s"],"userName":"num@example.com","%s":{"big":123456789012345678901234567890,'

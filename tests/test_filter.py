@@ -996,3 +996,16 @@ def test_filter_matches_members_attribute():
     assert filter_matches(tree, {"value": "abc"}, members) is True
     assert filter_matches(tree, {"value": "ABC"}, members) is False   # members.value is caseExact
     assert filter_matches(parse_filter('type eq "user"'), {"value": "x", "type": "User"}, members) is True
+
+
+@pytest.mark.parametrize("text", [
+    'userName eq 01',                                   # JSON numbers have no leading zero
+    'userName eq "\\ud800"',                          # a lone surrogate
+    'meta.lastModified gt "2020-13-45T00:00:00Z"',      # shaped like a date, but no date
+    'meta.created eq "2021-02-30T00:00:00Z"',
+    'meta.created lt "yesterday"',
+])
+def test_filters_that_once_crashed_are_invalid_filter(client, text):
+    """Found by review: each of these was a 500."""
+    response = client.get("/Users?filter=" + urllib.parse.quote(text), status="*")
+    assert_invalid_filter_response(response)

@@ -1364,3 +1364,28 @@ def test_custom_extension_object_as_a_path_less_value_is_kept_whole():
     document = patched({"userName": "a"}, {"op": "add", "value": {CUSTOM: {"costCode": "C1"}}})
     assert document[CUSTOM] == {"costCode": "C1"}
     assert patched(document, {"op": "remove", "path": CUSTOM}) == {"userName": "a"}
+
+
+
+# ---------------------------------------------------------------------------
+# Found by review
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["emails.value", "x509Certificates.value", "phoneNumbers.value"])
+def test_sub_attribute_of_an_empty_multi_valued_attribute_creates_one_value(client, db, user, path):
+    """Once a 500: a sub-attribute path without a filter on a user with no such values."""
+    attribute = path.split(".")[0]
+    value = "TUlJQw==" if attribute == "x509Certificates" else "v@example.com"
+    client.patch("/Users/" + user["id"], [{"op": "remove", "path": attribute}], status=200)
+    response = client.patch("/Users/" + user["id"], [{"op": "replace", "path": path, "value": value}],
+                            status=200)
+    assert response.json[attribute] == [{"value": value}]
+    assert stored_document(db, "users", user["id"])[attribute] == [{"value": value}]
+
+
+def test_removing_a_sub_attribute_leaves_the_other_values_alone():
+    """Removing emails[type eq "work"].display must not drop the home entry (which has no value)."""
+    document = {"userName": "a", "emails": [{"type": "home", "display": "Home"},
+                                            {"type": "work", "value": "w@x", "display": "Work"}]}
+    result = patched(document, {"op": "remove", "path": 'emails[type eq "work"].display'})
+    assert result["emails"] == [{"type": "home", "display": "Home"}, {"type": "work", "value": "w@x"}]

@@ -19,6 +19,8 @@ import urllib.parse
 import urllib.request
 import uuid
 
+import pytest
+
 import scim_appliance
 from conftest import ROOT, LiveServer, free_port, http_json, run_cli
 from scim_appliance import URN_ENTERPRISE, URN_GROUP, URN_LIST, URN_PATCH, URN_USER
@@ -454,13 +456,15 @@ def test_no_arguments_serves_with_the_defaults(tmp_path):
         conn.close()
 
 
-def test_port_in_use_exits_non_zero_with_a_message(tmp_path):
-    """A busy port: non-zero exit, a one-line reason on stderr, no endpoint banner."""
+@pytest.mark.parametrize("command", [["serve"], []], ids=["serve", "options-without-command"])
+def test_port_in_use_exits_non_zero_with_a_message(tmp_path, command):
+    """A busy port: non-zero exit, a one-line reason on stderr, no endpoint banner.
+    Options without a command mean `serve` too (`scim_appliance.py [serve] --port N`)."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_cli("serve", "--port", str(port), "--db", str(tmp_path / "busy.db"), check=False)
+        result = run_cli(*(command + ["--port", str(port), "--db", str(tmp_path / "busy.db")]), check=False)
     assert result.returncode != 0
     assert "SCIM endpoint" not in result.stdout
     assert str(port) in result.stderr

@@ -436,6 +436,21 @@ def test_password_is_accepted_on_post_and_never_returned(client, db, settings):
     assert_password_not_stored_in_clear(db, settings, user_id, PASSWORD)
 
 
+@pytest.mark.parametrize("bad_password", [["Hunter2!secret"], {"value": "Hunter2!secret"}, 12345678])
+def test_a_mistyped_password_is_never_echoed_in_the_error(client, db, bad_password):
+    """Entra copies error details into its provisioning logs: a writeOnly value stays out of them."""
+    response = client.post("/Users", {"userName": "echo@example.com", "password": bad_password}, status=400)
+    body = assert_scim_error(response, 400, "invalidValue")
+    assert "Hunter2" not in response.text and "12345678" not in response.text
+    assert "password" in body["detail"]
+    assert user_count(db) == 0
+    user = client.create_user("echo@example.com")
+    response = client.patch("/Users/" + user["id"], [
+        {"op": "replace", "path": "password", "value": bad_password}], status=400)
+    assert "Hunter2" not in response.text and "12345678" not in response.text
+    assert user_row(db, user["id"])["password_digest"] is None
+
+
 def test_password_set_by_put_replaces_the_digest_and_is_kept_when_omitted(client, db, settings):
     """RFC 7644 §3.5.1 with the project's choice: PUT without password keeps it."""
     user_id = client.create_user("put-secret@example.com", password="first-Passw0rd")["id"]
@@ -987,3 +1002,27 @@ def test_inactive_user_is_still_returned(client, db, how):
     row = user_row(db, user["id"])
     assert row["active"] == 0
     assert json.loads(row["document"])["active"] is False
+
+
+def test_extension_keys_are_returned_whatever_the_case_of_urn(client, db):
+    """A custom extension stored under "Urn:..." must come back, not be kept silently."""
+    created = client.create_user("case@example.com", **{"Urn:example:custom:2.0:User": {"costCode": "42"}})
+    assert created["Urn:example:custom:2.0:User"] == {"costCode": "42"}
+    assert "Urn:example:custom:2.0:User" in created["schemas"]
+    assert client.get("/Users/" + created["id"]).json["Urn:example:custom:2.0:User"] == {"costCode": "42"}
+
+
+def test_custom_extension_attribute_keys_take_any_json_as_patch_does(client, db):
+    """A URN-qualified custom attribute at the top of a POST body is kept like the nested form."""
+    created = client.create_user("level@example.com", **{CUSTOM_URN + ":level": 5,
+                                                         CUSTOM_URN + ":tags": ["a", "b"]})
+    assert created[CUSTOM_URN] == {"level": 5, "tags": ["a", "b"]}
+    assert stored_document(db, "users", created["id"])[CUSTOM_URN] == {"level": 5, "tags": ["a", "b"]}
+
+
+@pytest.mark.parametrize("urn", ["urn:ex'ample:2.0:User", 'urn:ex"ample:2.0:User', "urn:ex ample:User"])
+def test_extension_urns_with_quotes_or_spaces_are_not_kept(client, db, urn):
+    """Custom URNs become JSON paths in SQL text: only letters, digits, '.', '-', '_' are allowed."""
+    created = client.create_user("quote@example.com", **{urn: {"a": "b"}})
+    assert urn not in created
+    assert urn not in stored_document(db, "users", created["id"])
