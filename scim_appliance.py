@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 import traceback
+import typing
 import unicodedata
 import urllib.parse
 import uuid
@@ -218,36 +219,26 @@ MIGRATIONS = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-@dataclasses.dataclass(frozen=True)
-class SqlTable:
-    """How one resource type is laid out in SQL, for the filter translator.
-
-    `columns` maps a folded SCIM attribute path to (SQL expression, folded):
-    `folded` says the column already holds fold(value), so a caseExact=false
-    comparison binds fold(value) and can use the index.
-    """
-
-    name: str
-    resource_type: str
-    columns: dict
-
-
-SQL_TABLES = {
-    "User": SqlTable("users", "User", {
+# The attributes each resource type keeps in a column of its own, for the
+# filter translator: folded SCIM attribute path -> (SQL expression, folded).
+# `folded` says the column holds fold(value), so a caseExact=false
+# comparison binds fold(value) and can use the index.
+SQL_COLUMNS = {
+    "User": {
         "id": ("users.id", False),
         "username": ("users.user_name_key", True),
         "externalid": ("users.external_id", False),
         "active": ("users.active", False),
         "meta.created": ("users.created", False),
         "meta.lastmodified": ("users.last_modified", False),
-    }),
-    "Group": SqlTable("groups", "Group", {
+    },
+    "Group": {
         "id": ("groups.id", False),
         "displayname": ("groups.display_name_key", True),
         "externalid": ("groups.external_id", False),
         "meta.created": ("groups.created", False),
         "meta.lastmodified": ("groups.last_modified", False),
-    }),
+    },
 }
 
 
@@ -286,6 +277,8 @@ class Store:
         if conn is None:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves; Python's
             # implicit transactions lose updates under concurrency (design.md).
+            # timeout: a writer waits its turn for the lock rather than
+            # failing; a failed request is retried by Entra only 40 min later.
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA foreign_keys=ON")
@@ -359,20 +352,14 @@ class Transaction:
 
     # -- users and groups ---------------------------------------------------
 
-    def insert_user(self, row):
-        self._insert("users", row)
-
-    def insert_group(self, row):
-        self._insert("groups", row)
-
-    def _insert(self, table, row):
+    def insert_resource(self, table, row):
         names = ", ".join(row)
         marks = ", ".join("?" * len(row))
         try:
             self.conn.execute("INSERT INTO %s (%s) VALUES (%s)" % (table, names, marks),
                               tuple(row.values()))
         except sqlite3.IntegrityError as exc:
-            raise _uniqueness_error(table, exc) from exc
+            raise _conflict_from(exc) from exc
 
     def update_resource(self, table, resource_id, row):
         assignments = ", ".join("%s = ?" % name for name in row)
@@ -380,7 +367,7 @@ class Transaction:
             self.conn.execute("UPDATE %s SET %s WHERE id = ?" % (table, assignments),
                               tuple(row.values()) + (resource_id,))
         except sqlite3.IntegrityError as exc:
-            raise _uniqueness_error(table, exc) from exc
+            raise _conflict_from(exc) from exc
 
     def get_resource(self, table, resource_id):
         cursor = self.conn.execute("SELECT * FROM %s WHERE id = ?" % table, (resource_id,))
@@ -394,11 +381,7 @@ class Transaction:
             "UPDATE groups SET version = version + 1, last_modified = ? "
             "WHERE id IN (SELECT group_id FROM members WHERE member_id = ?)", (now, resource_id))
         self.conn.execute("DELETE FROM members WHERE member_id = ?", (resource_id,))
-        return self.conn.execute("DELETE FROM %s WHERE id = ?" % table, (resource_id,)).rowcount
-
-    def touch_resource(self, table, resource_id, now):
-        self.conn.execute("UPDATE %s SET version = version + 1, last_modified = ? WHERE id = ?"
-                          % table, (now, resource_id))
+        self.conn.execute("DELETE FROM %s WHERE id = ?" % table, (resource_id,))
 
     def count(self, table, where, params):
         sql = "SELECT count(*) FROM %s WHERE %s" % (table, where)
@@ -415,10 +398,7 @@ class Transaction:
     def member_types(self, member_ids):
         """{id: 'User' | 'Group'} for those of `member_ids` that exist."""
         found = {}
-        ids = list(member_ids)
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            marks = ", ".join("?" * len(chunk))
+        for chunk, marks in _chunks(member_ids):
             for (member_id,) in self.conn.execute(
                     "SELECT id FROM users WHERE id IN (%s)" % marks, chunk):
                 found[member_id] = "User"
@@ -461,10 +441,7 @@ class Transaction:
     def groups_of(self, member_ids):
         """{member_id: [(group_id, display_name), ...]} for User.groups."""
         result = {member_id: [] for member_id in member_ids}
-        ids = list(member_ids)
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            marks = ", ".join("?" * len(chunk))
+        for chunk, marks in _chunks(member_ids):
             for member_id, group_id, display_name in self.conn.execute(
                     "SELECT m.member_id, g.id, g.display_name FROM members m "
                     "JOIN groups g ON g.id = m.group_id WHERE m.member_id IN (%s) "
@@ -498,6 +475,15 @@ class Transaction:
         self.conn.execute("UPDATE tokens SET last_used = ? WHERE digest = ?", (now, digest))
 
 
+def _chunks(ids, size=500):
+    """(chunk, "?, ?, ...") pairs for `WHERE id IN (...)` within SQLite's
+    limit on parameters per statement."""
+    ids = list(ids)
+    for start in range(0, len(ids), size):
+        chunk = ids[start:start + size]
+        yield chunk, ", ".join("?" * len(chunk))
+
+
 def _row_dict(cursor):
     row = cursor.fetchone()
     if row is None:
@@ -505,7 +491,9 @@ def _row_dict(cursor):
     return dict(zip([d[0] for d in cursor.description], row))
 
 
-def _uniqueness_error(table, exc):
+def _conflict_from(exc):
+    """The 409 for a UNIQUE constraint a write ran into (any other integrity
+    error is a bug and is re-raised as it is)."""
     if "user_name_key" in str(exc):
         return ScimError(409, "uniqueness", "userName is already taken (compared case-insensitively)")
     if "display_name_key" in str(exc):
@@ -535,7 +523,7 @@ def token_digest(token):
 
 
 def match_token(presented, live_tokens):
-    """The name of the live token equal to `presented`, or None.
+    """(name, digest) of the live token equal to `presented`, or None.
 
     Every digest is compared with hmac.compare_digest, and the loop does not
     stop at the first match, so the time taken says nothing about the tokens.
@@ -830,6 +818,13 @@ def split_attribute_path(text):
     return urn, name, sub or None
 
 
+def resolve_path(resource_type, text):
+    """An attribute path as written ('name.givenName', 'urn:...:User:manager')
+    resolved against `resource_type`, custom extensions allowed; None if unknown."""
+    parts = split_attribute_path(text)
+    return parts and resolve_attribute(resource_type, *parts, custom_ok=True)
+
+
 def resolve_attribute(resource_type, urn, name, sub=None, custom_ok=False):
     """Bind a parsed attribute name to the model; None when it names nothing.
 
@@ -1026,8 +1021,7 @@ def canonical_document(resource_type, body):
             if kept:
                 document[key] = kept
             continue
-        parts = split_attribute_path(key)
-        path = parts and resolve_attribute(resource_type, *parts, custom_ok=True)
+        path = resolve_path(resource_type, key)
         if path is None or path.attribute.mutability == "readOnly":
             continue
         if path.sub_attribute is not None:
@@ -1062,8 +1056,14 @@ def resource_location(base_url, resource_type, resource_id):
     return "%s%s/%s" % (base_url, resource_type.endpoint, urllib.parse.quote(resource_id, safe=""))
 
 
+def opaque_tag(version):
+    """The entity tag of a resource version, without the weak prefix."""
+    return '"%d"' % version
+
+
 def weak_etag(version):
-    return 'W/"%d"' % version
+    """meta.version and the ETag header (RFC 7644 §3.14: weak validators)."""
+    return "W/" + opaque_tag(version)
 
 
 def render_resource(resource_type, row, base_url, members=None, groups=None):
@@ -1138,8 +1138,7 @@ class Projection:
                 schema = self.resource_type.schema_by_urn(name)
                 keys.add("" if schema is self.resource_type.schema else name.lower())
                 continue
-            parts = split_attribute_path(name)
-            path = parts and resolve_attribute(self.resource_type, *parts, custom_ok=True)
+            path = resolve_path(self.resource_type, name)
             if path is not None:
                 keys.add(path.key)
         keys.discard("")
@@ -1414,7 +1413,9 @@ class _SqlScope:
 
 
 def filter_to_sql(tree, resource_type):
-    """A WHERE clause and its parameters for `tree` over the resource's table."""
+    """A WHERE clause and its parameters for `tree` (None: every resource)."""
+    if tree is None:
+        return "1", []
     scope = _SqlScope("resource", resource_type, alias=resource_type.table)
     return _node_sql(tree, scope, [0])
 
@@ -1462,7 +1463,7 @@ def _node_sql(node, scope, counter):
             raise invalid_filter("%s is complex: compare one of its sub-attributes" % node[1])
         path = dataclasses.replace(path, sub_attribute=value_sub)
         target = value_sub
-    column = SQL_TABLES[scope.resource_type.name].columns.get(path.key)
+    column = SQL_COLUMNS[scope.resource_type.name].get(path.key)
     if column is not None:
         expr, folded = column
     elif path.key == "meta.resourcetype":
@@ -1487,8 +1488,7 @@ def _object_scope(path, scope):
 
 
 def _resolve_filter_path(text, resource_type):
-    parts = split_attribute_path(text)
-    path = parts and resolve_attribute(resource_type, *parts, custom_ok=True)
+    path = resolve_path(resource_type, text)
     if path is None:
         raise invalid_filter("unknown attribute %r for %s" % (text, resource_type.name))
     return path
@@ -1555,7 +1555,7 @@ def _scoped_sql(node, scope, counter):
     if node[0] == "has":
         raise invalid_filter("value paths cannot be nested")
     name = node[1]
-    sub = scope.attribute.sub(name.rpartition(":")[2] if ":" in name else name)
+    sub = scope.attribute.sub(name.rpartition(":")[2])
     if sub is None:
         raise invalid_filter("unknown attribute %r in %s" % (name, scope.attribute.name))
     folded = False
@@ -1720,10 +1720,22 @@ def filter_matches(node, item, attribute):
         return False
 
 
-def sort_expression(resource_type, sort_by):
-    """The SQL to ORDER BY for `sortBy` (RFC 7644 §3.4.2.3)."""
-    parts = split_attribute_path(sort_by)
-    path = parts and resolve_attribute(resource_type, *parts, custom_ok=True)
+def sort_to_sql(resource_type, sort_by, descending):
+    """The ORDER BY clause for `sortBy`/`sortOrder`; without sortBy, the
+    order resources were created in, so that pages are stable."""
+    order = "%s.rowid" % resource_type.table
+    if not sort_by:
+        return order
+    expr = _sort_expression(resource_type, sort_by)
+    direction = "DESC" if descending else "ASC"
+    # "if there is no data for the specified "sortBy" value, they are ...
+    # ordered last if ascending and first if descending" (RFC 7644 §3.4.2.3).
+    return "(%s IS NULL) %s, %s %s, %s" % (expr, direction, expr, direction, order)
+
+
+def _sort_expression(resource_type, sort_by):
+    """The SQL value to sort by for `sortBy` (RFC 7644 §3.4.2.3)."""
+    path = resolve_path(resource_type, sort_by)
     if path is None or path.attribute.mutability == "writeOnly":
         raise ScimError(400, "invalidValue", "cannot sort by %r" % sort_by)
     table = resource_type.table
@@ -1742,7 +1754,7 @@ def sort_expression(resource_type, sort_by):
     elif target.type == "complex":
         raise ScimError(400, "invalidValue", "cannot sort by complex attribute %r" % sort_by)
     else:
-        column = SQL_TABLES[resource_type.name].columns.get(path.key)
+        column = SQL_COLUMNS[resource_type.name].get(path.key)
         expr = column[0] if column else _json_expr(_SqlScope("resource", resource_type, alias=table), path)
         if column and column[1]:
             return expr
@@ -1773,6 +1785,15 @@ def sort_expression(resource_type, sort_by):
 PATCH_OPERATIONS = ("add", "replace", "remove")
 
 
+class PatchOperation(typing.NamedTuple):
+    """One operation of a PatchOp request, checked for shape."""
+
+    op: str               # "add", "replace" or "remove", lower-cased
+    path: str             # None when the request has no path
+    value: object
+    has_value: bool       # "value" was present (a null value is not an absent one)
+
+
 @dataclasses.dataclass(frozen=True)
 class PatchPath:
     """A parsed PATCH path: the attribute, an optional value filter, and the
@@ -1791,6 +1812,7 @@ def parse_path(resource_type, text):
     """Parse a PATCH `path`; ScimError(400, invalidPath) when it names nothing we have."""
     value_filter = None
     filter_sub = None
+    filter_sub_name = None
     attribute_text = text.strip()
     if "[" in attribute_text:
         attribute_text, _, rest = attribute_text.partition("[")
@@ -1804,8 +1826,7 @@ def parse_path(resource_type, text):
         if after and not after.startswith("."):
             raise invalid_path("unexpected %r after ']' in path %r" % (after, text))
         filter_sub_name = after[1:] or None
-    parts = split_attribute_path(attribute_text)
-    path = parts and resolve_attribute(resource_type, *parts, custom_ok=True)
+    path = resolve_path(resource_type, attribute_text)
     if path is None:
         raise invalid_path("no attribute %r in %s" % (attribute_text, resource_type.name))
     if value_filter is not None:
@@ -1839,7 +1860,7 @@ def read_patch_request(body):
         path = fields.get("path")
         if path is not None and not isinstance(path, str):
             raise ScimError(400, "invalidPath", "operation %d: path must be a string" % number)
-        result.append((op.lower(), path or None, fields.get("value"), "value" in fields))
+        result.append(PatchOperation(op.lower(), path or None, fields.get("value"), "value" in fields))
     return result
 
 
@@ -2191,16 +2212,13 @@ def _take_members(resource_type, document):
     return [(m["value"], m.get("type")) for m in document.pop("members", None) or []]
 
 
-def etag_matches(header, etag):
-    """Whether an If-Match / If-None-Match header names `etag` (RFC 7232 §3:
-    a comma-separated list, or "*"; compared without the weak prefix)."""
-    tags = [tag.strip().replace("W/", "", 1) for tag in header.split(",")]
-    return "*" in tags or etag.replace("W/", "", 1) in tags
-
-
 def _check_if_match(if_match, row):
-    """RFC 7644 §3.14: a stale If-Match gets 412 Precondition Failed."""
-    if if_match is not None and not etag_matches(if_match, weak_etag(row["version"])):
+    """RFC 7644 §3.14: a stale If-Match gets 412 Precondition Failed.
+
+    `if_match` is the set of opaque tags the client named ("*" for any), or
+    None when it sent no If-Match.
+    """
+    if if_match is not None and "*" not in if_match and opaque_tag(row["version"]) not in if_match:
         raise ScimError(412, None, "the resource has changed: version is now %s" % weak_etag(row["version"]))
 
 
@@ -2264,7 +2282,7 @@ def create_resource(store, resource_type, body, base_url):
     now = utc_now()
     row = _row_for(resource_type, resource_id, document, now, 1, created=now, password=password)
     with store.write() as tx:
-        (tx.insert_user if resource_type is USER else tx.insert_group)(row)
+        tx.insert_resource(resource_type.table, row)
         if members:
             _add_members(tx, resource_id, members)
         return _render_loaded(tx, resource_type, tx.get_resource(resource_type.table, resource_id),
@@ -2339,15 +2357,8 @@ def list_resources(store, resource_types, query, base_url):
     first_error = None
     for resource_type in resource_types:
         try:
-            where, params = filter_to_sql(tree, resource_type) if tree is not None else ("1", [])
-            order = "%s.rowid" % resource_type.table
-            if query.sort_by:
-                expr = sort_expression(resource_type, query.sort_by)
-                direction = "DESC" if query.descending else "ASC"
-                # "if there is no data for the specified "sortBy" value, they
-                # are ... ordered last if ascending and first if descending"
-                # (RFC 7644 §3.4.2.3).
-                order = "(%s IS NULL) %s, %s %s, %s" % (expr, direction, expr, direction, order)
+            where, params = filter_to_sql(tree, resource_type)
+            order = sort_to_sql(resource_type, query.sort_by, query.descending)
         except ScimError as exc:
             if len(resource_types) == 1:
                 raise
@@ -2472,6 +2483,14 @@ def scim_response(status, body=None, headers=None):
 def error_response(error):
     headers = {"WWW-Authenticate": 'Bearer realm="scim"'} if error.status == 401 else {}
     return scim_response(error.status, error.to_json(), headers)
+
+
+def entity_tags(header):
+    """An If-Match / If-None-Match header as a set of opaque tags ("*" kept),
+    weak prefixes dropped (RFC 7232 §3.1: a comma-separated list); None if absent."""
+    if header is None:
+        return None
+    return {tag.strip()[2:] if tag.strip().startswith("W/") else tag.strip() for tag in header.split(",")}
 
 
 def _reject_constant(name):
@@ -2642,6 +2661,14 @@ def discovery_documents(base_url):
     return config, resource_types, schemas
 
 
+def _by_id(documents, wanted, what):
+    """The discovery document whose id is `wanted` (case-insensitively), else 404."""
+    for document in documents:
+        if document["id"].lower() == wanted.lower():
+            return document
+    raise ScimError(404, None, "no %s %s" % (what, wanted))
+
+
 def _list_of(resources):
     return {"schemas": [URN_LIST], "totalResults": len(resources), "Resources": resources,
             "startIndex": 1, "itemsPerPage": len(resources)}
@@ -2687,7 +2714,7 @@ def make_scim_app(store, settings):
         return read_query(bottle.request.environ)
 
     def if_match():
-        return bottle.request.get_header("If-Match")
+        return entity_tags(bottle.request.get_header("If-Match"))
 
     def resource_response(status, resource, extra=None):
         headers = dict(extra or {})
@@ -2712,10 +2739,7 @@ def make_scim_app(store, settings):
 
     @scim_route("/ResourceTypes/<name>", "GET", authenticated=False)
     def get_resource_type(name):
-        for document in resource_types:
-            if document["id"].lower() == name.lower():
-                return scim_response(200, document)
-        raise ScimError(404, None, "no resource type %s" % name)
+        return scim_response(200, _by_id(resource_types, name, "resource type"))
 
     @scim_route("/Schemas", "GET", authenticated=False)
     def list_schemas():
@@ -2723,10 +2747,7 @@ def make_scim_app(store, settings):
 
     @scim_route("/Schemas/<urn>", "GET", authenticated=False)
     def get_schema(urn):
-        for document in schemas:
-            if document["id"].lower() == urn.lower():
-                return scim_response(200, document)
-        raise ScimError(404, None, "no schema %s" % urn)
+        return scim_response(200, _by_id(schemas, urn, "schema"))
 
     # -- users and groups (RFC 7644 §3.3-3.6) --
 
@@ -2753,8 +2774,8 @@ def make_scim_app(store, settings):
             resource = get_resource(store, resource_type, resource_id, base_url,
                                     projection_of(resource_type, query()))
             etag = resource.get("meta", {}).get("version")
-            none_match = bottle.request.get_header("If-None-Match")
-            if etag and none_match is not None and etag_matches(none_match, etag):
+            none_match = entity_tags(bottle.request.get_header("If-None-Match"))
+            if etag and none_match is not None and ("*" in none_match or etag[2:] in none_match):
                 return scim_response(304, None, {"ETag": etag})
             return resource_response(200, resource)
 
@@ -2837,8 +2858,9 @@ def _search_request(body):
 
 
 def _wsgi_error(start_response, error):
+    """A SCIM error answered before bottle sees the request."""
     payload = json_bytes(error.to_json())
-    start_response("%d %s" % (error.status, "Bad Request"),
+    start_response("%d %s" % (error.status, bottle.HTTP_CODES[error.status]),
                    [("Content-Type", SCIM_MEDIA_TYPE), ("Content-Length", str(len(payload)))])
     return [payload]
 

@@ -1,5 +1,5 @@
 """The filter language (RFC 7644 §3.4.2.2): parse_filter, filter_to_sql,
-filter_matches, sort_expression, and filtering through HTTP as Entra does it
+filter_matches, sort_to_sql, and filtering through HTTP as Entra does it
 (GET /Users?filter=..., GET /Groups?filter=..., POST /Users/.search,
 POST /.search)."""
 
@@ -856,12 +856,14 @@ def test_sort_by_unusable_attribute_is_400(client, directory, sort_by):
     assert response.json["scimType"] == "invalidValue"
 
 
-def test_sort_expression_is_sql_for_known_attributes():
-    assert scim_appliance.sort_expression(USER, "userName") == "users.user_name_key"
-    assert "scim_fold" in scim_appliance.sort_expression(USER, "displayName")
-    assert "scim_fold" not in scim_appliance.sort_expression(USER, "externalId")
+def test_sort_to_sql_orders_by_indexed_or_folded_values():
+    assert scim_appliance.sort_to_sql(USER, None, False) == "users.rowid"
+    assert scim_appliance.sort_to_sql(USER, "userName", False) == (
+        "(users.user_name_key IS NULL) ASC, users.user_name_key ASC, users.rowid")
+    assert "scim_fold" in scim_appliance.sort_to_sql(USER, "displayName", True)
+    assert "scim_fold" not in scim_appliance.sort_to_sql(USER, "externalId", False)
     with pytest.raises(ScimError) as info:
-        scim_appliance.sort_expression(USER, "password")
+        scim_appliance.sort_to_sql(USER, "password", False)
     assert info.value.status == 400
 
 
