@@ -800,7 +800,7 @@ class AttributePath:
         return name
 
 
-ATTRIBUTE_NAME = re.compile(r"^\$?[A-Za-z][\w\-]*$")
+ATTRIBUTE_NAME = re.compile(r"^\$?[A-Za-z][\w\-]*$", re.ASCII)   # RFC 7643 §2.1 ATTRNAME
 
 
 def split_attribute_path(text):
@@ -872,7 +872,7 @@ def resolve_attribute(resource_type, urn, name, sub=None, custom_ok=False):
 
 # "\ud800" alone is valid JSON text but no Unicode text: it cannot be stored or sent as UTF-8.
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$", re.ASCII)
 
 
 def invalid_value(where, expected, value, attribute=None):
@@ -953,7 +953,8 @@ def coerce_custom(value, where):
         result = {k: coerce_custom(v, where) for k, v in value.items() if v is not None}
         return {k: v for k, v in result.items() if v is not None} or None
     if isinstance(value, list):
-        return [coerce_custom(v, where) for v in value if v is not None] or None
+        items = (coerce_custom(v, where) for v in value)
+        return [item for item in items if item is not None] or None
     return value
 
 
@@ -1245,7 +1246,7 @@ _FILTER_TOKEN = re.compile(r"""
   | (?P<punct>[()\[\]])
   | (?P<number>-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?)(?![\w.:$])
   | (?P<word>[\w$:.\-]+)
-""", re.VERBOSE)
+""", re.VERBOSE | re.ASCII)   # ASCII: "١" is a digit to \d, but not to JSON
 
 
 def invalid_filter(detail):
@@ -1273,7 +1274,7 @@ def _tokenize_filter(text):
                     raise invalid_filter("unpaired surrogate escape in the string at position %d"
                                          % (position + 1))
             elif kind == "number":
-                value = json.loads(value)
+                value = json.loads(value)   # the pattern is JSON's number grammar
             tokens.append((kind, value, position + 1))
         position = match.end()
     return tokens
@@ -1632,7 +1633,7 @@ def _instant(value):
         text = head + "." + (digits + "000000")[:6] + rest[len(digits):]
     try:
         return datetime.datetime.fromisoformat(text).astimezone(datetime.timezone.utc)
-    except ValueError:   # shaped like a date, but not one: 2020-13-45T00:00:00Z
+    except (ValueError, OverflowError):   # 2020-13-45T00:00:00Z; 9999-12-31T23:59:59-01:00
         return None
 
 
@@ -2700,8 +2701,13 @@ def make_scim_app(store, settings):
             return handler
         return decorate
 
+    def raw_header(name):
+        # From environ as the server passed it (latin-1): bottle's own
+        # get_header decodes UTF-8 and raises on any other byte.
+        return bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"))
+
     def authenticate():
-        scheme, _, token = bottle.request.get_header("Authorization", "").partition(" ")
+        scheme, _, token = (raw_header("Authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ScimError(401, None, "send Authorization: Bearer <token>")
         if check_token(token.strip()) is None:
@@ -2714,7 +2720,7 @@ def make_scim_app(store, settings):
         return read_query(bottle.request.environ)
 
     def if_match():
-        return entity_tags(bottle.request.get_header("If-Match"))
+        return entity_tags(raw_header("If-Match"))
 
     def resource_response(status, resource, extra=None):
         headers = dict(extra or {})
@@ -2774,7 +2780,7 @@ def make_scim_app(store, settings):
             resource = get_resource(store, resource_type, resource_id, base_url,
                                     projection_of(resource_type, query()))
             etag = resource.get("meta", {}).get("version")
-            none_match = entity_tags(bottle.request.get_header("If-None-Match"))
+            none_match = entity_tags(raw_header("If-None-Match"))
             if etag and none_match is not None and ("*" in none_match or etag[2:] in none_match):
                 return scim_response(304, None, {"ETag": etag})
             return resource_response(200, resource)

@@ -277,3 +277,9 @@ def test_request_authentication_uses_compare_digest_once_per_live_token(store, c
     assert len(compare_calls) == 2
     assert_401(client.get("/Users", status=401, headers={"Authorization": "Bearer scimapp_wrong"}))
     assert len(compare_calls) == 4
+
+
+@pytest.mark.parametrize("authorization", ["Bearer \xe9", "Bearer \xff\xfe", "\xe9 token"])
+def test_non_utf8_bytes_in_the_authorization_header_are_401(anonymous, db, authorization):
+    """Found by fuzzing: bottle's header decoding raised, so any anonymous client could cause a 500."""
+    assert_401(anonymous.get("/Users", headers={"Authorization": authorization}, status=401))

@@ -694,3 +694,18 @@ def test_locations_ignore_host_and_forwarded_headers(client, anonymous, db):
     assert client.get("/Users/" + user_id).json["meta"]["location"] == expected
     assert bodies[5].json[URN_ENTERPRISE]["manager"]["$ref"] == expected
     assert stored_document(db, "users", user_id)[URN_ENTERPRISE]["manager"] == {"value": user_id}
+
+
+@pytest.mark.parametrize("header", ["If-Match", "If-None-Match"])
+def test_non_utf8_bytes_in_entity_tag_headers_are_harmless(client, db, user, header):
+    """Found by fuzzing: a latin-1 byte in If-Match / If-None-Match was a 500."""
+    before = stored_document(db, "users", user["id"])
+    response = client.get("/Users/" + user["id"], headers={header: 'W/"\xe9"'}, status="*")
+    assert response.status_int == 200 and response.json["id"] == user["id"]
+    response = client.patch("/Users/" + user["id"], [{"op": "replace", "path": "displayName", "value": "X"}],
+                            headers={header: 'W/"\xff"'}, status="*")
+    if header == "If-Match":
+        assert_scim_error(response, 412)
+        assert stored_document(db, "users", user["id"]) == before
+    else:
+        assert response.status_int == 200

@@ -1006,8 +1006,13 @@ def test_filter_matches_members_attribute():
     'meta.lastModified gt "2020-13-45T00:00:00Z"',      # shaped like a date, but no date
     'meta.created eq "2021-02-30T00:00:00Z"',
     'meta.created lt "yesterday"',
+    'userName eq 1\u0661',                             # a digit to \\d, not to JSON (fuzzing)
+    'userName eq 1e\u0661',
+    'meta.created gt "9999-12-31T23:59:59-01:00"',      # past the last representable instant
+    'meta.created lt "0001-01-01T00:00:00+01:00"',
+    'meta.created eq "\u0662\u0660\u0662\u0660-01-01T00:00:00Z"',
 ])
 def test_filters_that_once_crashed_are_invalid_filter(client, text):
-    """Found by review: each of these was a 500."""
+    """Found by review and fuzzing: each of these was a 500."""
     response = client.get("/Users?filter=" + urllib.parse.quote(text), status="*")
     assert_invalid_filter_response(response)

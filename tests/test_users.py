@@ -1026,3 +1026,14 @@ def test_extension_urns_with_quotes_or_spaces_are_not_kept(client, db, urn):
     created = client.create_user("quote@example.com", **{urn: {"a": "b"}})
     assert urn not in created
     assert urn not in stored_document(db, "users", created["id"])
+
+
+def test_a_resource_sent_back_as_returned_is_unchanged(client, db):
+    """PUT of exactly what GET returned changes nothing; empty objects inside a
+    custom extension list are dropped on the way in, never stored as null."""
+    created = client.create_user("same@example.com", **{CUSTOM_URN: {"items": [{}, {"a": 1}], "n": None}})
+    assert created[CUSTOM_URN] == {"items": [{"a": 1}]}
+    fetched = client.get("/Users/" + created["id"]).json
+    replaced = client.put("/Users/" + created["id"], fetched).json
+    assert {k: v for k, v in replaced.items() if k != "meta"} == {k: v for k, v in fetched.items() if k != "meta"}
+    assert stored_document(db, "users", created["id"])[CUSTOM_URN] == {"items": [{"a": 1}]}
