@@ -261,9 +261,7 @@ class Store:
         self._connections = []
         self._lock = threading.Lock()
         try:
-            mode = self._connection().execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise DatabaseError("cannot switch %s to WAL mode (got %s)" % (path, mode))
+            self._enable_wal()
             self.migrate()
         except sqlite3.DatabaseError as exc:   # not a database, unreadable, unwritable
             self.close()
@@ -288,6 +286,27 @@ class Store:
             with self._lock:
                 self._connections.append(conn)
         return conn
+
+    def _enable_wal(self, patience=30.0):
+        """Switch the file to WAL once (the mode is stored in the file).
+
+        The switch needs the database to itself, and SQLite answers "locked"
+        at once rather than waiting when another connection (a second process
+        opening the same new file) is in the way: try again until `patience`
+        runs out.
+        """
+        conn = self._connection()
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        if mode.lower() != "wal":
+            raise DatabaseError("cannot switch %s to WAL mode (got %s)" % (self.path, mode))
 
     def close(self):
         with self._lock:
@@ -1129,20 +1148,18 @@ class Projection:
         self.excluded = self._keys(excluded) if not self.attributes else set()
 
     def _keys(self, names):
+        """Folded keys for the names given; names that match nothing are ignored."""
         keys = set()
-        for name in names or ():
-            name = name.strip()
-            if not name:
-                continue
-            if self.resource_type.schema_by_urn(name) is not None or is_custom_extension(
-                    self.resource_type, name):
-                schema = self.resource_type.schema_by_urn(name)
-                keys.add("" if schema is self.resource_type.schema else name.lower())
+        for name in (name.strip() for name in names or ()):
+            schema = self.resource_type.schema_by_urn(name)
+            if not name or schema is self.resource_type.schema:
+                continue   # the whole core schema narrows nothing
+            if schema is not None or is_custom_extension(self.resource_type, name):
+                keys.add(name.lower())   # a whole extension
                 continue
             path = resolve_path(self.resource_type, name)
             if path is not None:
                 keys.add(path.key)
-        keys.discard("")
         return keys
 
     def wants(self, top_level):
