@@ -2290,12 +2290,25 @@ def _render_loaded(tx, resource_type, row, base_url, projection):
     return projection.apply(render_resource(resource_type, row, base_url, members, groups))
 
 
-def create_resource(store, resource_type, body, base_url):
-    """POST: a new user or group (RFC 7644 §3.3). Returns the resource."""
+def _read_resource_body(resource_type, body):
+    """A POST/PUT body as (document, members, password digest), checked
+    before any transaction begins (scrypt takes tens of milliseconds)."""
     document = canonical_document(resource_type, body)
     check_required(resource_type, document)
     members = _take_members(resource_type, document)
     password = _take_password(document) if resource_type is USER else None
+    return document, members, password
+
+
+def _render_stored(tx, resource_type, resource_id, base_url, projection):
+    """The resource as it now stands in this transaction."""
+    return _render_loaded(tx, resource_type, tx.get_resource(resource_type.table, resource_id),
+                          base_url, projection)
+
+
+def create_resource(store, resource_type, body, base_url):
+    """POST: a new user or group (RFC 7644 §3.3). Returns the resource."""
+    document, members, password = _read_resource_body(resource_type, body)
     resource_id = str(uuid.uuid4())
     now = utc_now()
     row = _row_for(resource_type, resource_id, document, now, 1, created=now, password=password)
@@ -2303,8 +2316,7 @@ def create_resource(store, resource_type, body, base_url):
         tx.insert_resource(resource_type.table, row)
         if members:
             _add_members(tx, resource_id, members)
-        return _render_loaded(tx, resource_type, tx.get_resource(resource_type.table, resource_id),
-                              base_url, Projection(resource_type))
+        return _render_stored(tx, resource_type, resource_id, base_url, Projection(resource_type))
 
 
 def get_resource(store, resource_type, resource_id, base_url, projection):
@@ -2316,10 +2328,7 @@ def replace_resource(store, resource_type, resource_id, body, base_url, if_match
     """PUT (RFC 7644 §3.5.1): the body replaces every client-writable attribute;
     readOnly attributes in it are ignored. A group's members become exactly
     the listed ones. A user's password is kept unless the body sets one."""
-    document = canonical_document(resource_type, body)
-    check_required(resource_type, document)
-    members = _take_members(resource_type, document)
-    password = _take_password(document) if resource_type is USER else None
+    document, members, password = _read_resource_body(resource_type, body)
     with store.write() as tx:
         current = _load(tx, resource_type, resource_id)
         _check_if_match(if_match, current)
@@ -2329,8 +2338,7 @@ def replace_resource(store, resource_type, resource_id, body, base_url, if_match
         if resource_type is GROUP:
             tx.clear_members(resource_id)
             _add_members(tx, resource_id, members)
-        return _render_loaded(tx, resource_type, tx.get_resource(resource_type.table, resource_id),
-                              base_url, Projection(resource_type))
+        return _render_stored(tx, resource_type, resource_id, base_url, Projection(resource_type))
 
 
 def patch_resource(store, resource_type, resource_id, body, base_url, if_match=None, projection=None):
@@ -2344,17 +2352,18 @@ def patch_resource(store, resource_type, resource_id, body, base_url, if_match=N
     with store.write() as tx:
         current = _load(tx, resource_type, resource_id)
         _check_if_match(if_match, current)
-        document, member_changes = apply_patch(resource_type, json.loads(current["document"]), operations)
+        before = json.loads(current["document"])
+        document, member_changes = apply_patch(resource_type, before, operations)
         password = _take_password(document) if resource_type is USER else None
         changed = _apply_member_changes(tx, resource_id, member_changes) if member_changes else 0
-        if document != json.loads(current["document"]) or password is not None or changed:
+        # A PATCH that changes nothing (Entra resending a value) keeps the version.
+        if document != before or password is not None or changed:
             row = _row_for(resource_type, resource_id, document, utc_now(), current["version"] + 1,
                            password=password)
             tx.update_resource(resource_type.table, resource_id, row)
         if projection is None:
             return None
-        return _render_loaded(tx, resource_type, tx.get_resource(resource_type.table, resource_id),
-                              base_url, projection)
+        return _render_stored(tx, resource_type, resource_id, base_url, projection)
 
 
 def delete_resource(store, resource_type, resource_id, if_match=None):
