@@ -2306,7 +2306,7 @@ def _render_stored(tx, resource_type, resource_id, base_url, projection):
                           base_url, projection)
 
 
-def create_resource(store, resource_type, body, base_url):
+def create_resource(store, resource_type, body, base_url, projection=None):
     """POST: a new user or group (RFC 7644 §3.3). Returns the resource."""
     document, members, password = _read_resource_body(resource_type, body)
     resource_id = str(uuid.uuid4())
@@ -2316,7 +2316,8 @@ def create_resource(store, resource_type, body, base_url):
         tx.insert_resource(resource_type.table, row)
         if members:
             _add_members(tx, resource_id, members)
-        return _render_stored(tx, resource_type, resource_id, base_url, Projection(resource_type))
+        return _render_stored(tx, resource_type, resource_id, base_url,
+                              projection or Projection(resource_type))
 
 
 def get_resource(store, resource_type, resource_id, base_url, projection):
@@ -2324,7 +2325,7 @@ def get_resource(store, resource_type, resource_id, base_url, projection):
         return _render_loaded(tx, resource_type, _load(tx, resource_type, resource_id), base_url, projection)
 
 
-def replace_resource(store, resource_type, resource_id, body, base_url, if_match=None):
+def replace_resource(store, resource_type, resource_id, body, base_url, if_match=None, projection=None):
     """PUT (RFC 7644 §3.5.1): the body replaces every client-writable attribute;
     readOnly attributes in it are ignored. A group's members become exactly
     the listed ones. A user's password is kept unless the body sets one."""
@@ -2338,7 +2339,8 @@ def replace_resource(store, resource_type, resource_id, body, base_url, if_match
         if resource_type is GROUP:
             tx.clear_members(resource_id)
             _add_members(tx, resource_id, members)
-        return _render_stored(tx, resource_type, resource_id, base_url, Projection(resource_type))
+        return _render_stored(tx, resource_type, resource_id, base_url,
+                              projection or Projection(resource_type))
 
 
 def patch_resource(store, resource_type, resource_id, body, base_url, if_match=None, projection=None):
@@ -2788,8 +2790,12 @@ def make_scim_app(store, settings):
 
         @scim_route(endpoint, "POST")
         def create(resource_type=resource_type):
-            resource = create_resource(store, resource_type, body(), base_url)
-            return resource_response(201, resource, {"Location": resource["meta"]["location"]})
+            # RFC 7644 §3.9: attributes/excludedAttributes apply to "any
+            # operation that returns a resource".
+            resource = create_resource(store, resource_type, body(), base_url,
+                                       projection_of(resource_type, query()))
+            location = resource_location(base_url, resource_type, resource["id"])
+            return resource_response(201, resource, {"Location": location})
 
         @scim_route(endpoint, "GET")
         def search_by_get(resource_type=resource_type):
@@ -2814,7 +2820,8 @@ def make_scim_app(store, settings):
         @scim_route(endpoint + "/<resource_id>", "PUT")
         def replace(resource_id, resource_type=resource_type):
             return resource_response(200, replace_resource(store, resource_type, resource_id, body(),
-                                                           base_url, if_match()))
+                                                           base_url, if_match(),
+                                                           projection_of(resource_type, query())))
 
         @scim_route(endpoint + "/<resource_id>", "PATCH")
         def patch(resource_id, resource_type=resource_type):

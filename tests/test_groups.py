@@ -416,3 +416,13 @@ def test_group_patch_answers_204_and_stores_the_change(client, db, users):
     assert response.json["displayName"] == "Renamed" and "members" not in response.json
     assert response.headers["ETag"] == response.json["meta"]["version"] == 'W/"3"'
     assert group_row(db, group["id"])["display_name"] == "Renamed"
+
+
+def test_put_with_excluded_members_answers_without_them(client, db):
+    """RFC 7644 §3.9 on PUT: the response leaves members out; the stored members are set."""
+    user = client.create_user("member@example.com")
+    group = client.create_group("Quiet")
+    response = client.put("/Groups/%s?excludedAttributes=members" % group["id"],
+                          {"schemas": [URN_GROUP], "displayName": "Quiet", "members": [{"value": user["id"]}]})
+    assert "members" not in response.json
+    assert stored_members(db, group["id"]) == {user["id"]}

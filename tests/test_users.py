@@ -1037,3 +1037,21 @@ def test_a_resource_sent_back_as_returned_is_unchanged(client, db):
     replaced = client.put("/Users/" + created["id"], fetched).json
     assert {k: v for k, v in replaced.items() if k != "meta"} == {k: v for k, v in fetched.items() if k != "meta"}
     assert stored_document(db, "users", created["id"])[CUSTOM_URN] == {"items": [{"a": 1}]}
+
+
+@pytest.mark.parametrize("parameter, keys", [
+    ("attributes=userName", {"schemas", "id", "userName"}),
+    ("excludedAttributes=meta,emails", {"schemas", "id", "userName", "displayName"}),
+])
+def test_post_and_put_honour_attributes_and_excluded_attributes(client, db, parameter, keys):
+    """RFC 7644 §3.9: attributes/excludedAttributes on "any operation that returns a resource"."""
+    body = {"schemas": [URN_USER], "userName": "shape@example.com", "displayName": "Shape",
+            "emails": [{"value": "shape@example.com", "type": "work"}]}
+    response = client.post("/Users?" + parameter, body)
+    assert set(response.json) == keys
+    user_id = response.json["id"]
+    assert response.headers["Location"] == USERS_URL + user_id
+    assert stored_document(db, "users", user_id)["emails"] == body["emails"]
+    response = client.put("/Users/%s?%s" % (user_id, parameter), dict(body, displayName="Shape 2"))
+    assert set(response.json) == keys
+    assert stored_document(db, "users", user_id)["displayName"] == "Shape 2"
