@@ -260,6 +260,10 @@ class Store:
         self._local = threading.local()
         self._connections = []
         self._lock = threading.Lock()
+        # Writers in this process queue here, woken the moment the lock is
+        # free; SQLite's own busy handler (for other processes) polls with
+        # sleeps of up to 100 ms, which made queued writes take up to a second.
+        self._write_lock = threading.Lock()
         try:
             self._enable_wal()
             self.migrate()
@@ -329,13 +333,14 @@ class Store:
     def write(self):
         """One write transaction: committed if the block ends, rolled back if it raises."""
         conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield Transaction(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield Transaction(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def migrate(self):
         """Carry the database forward to SCHEMA_VERSION, one transaction per step.
