@@ -61,7 +61,10 @@ MAX_FILTER_TERMS = 100             # comparisons in one filter
 DEFAULT_PAGE_SIZE = 100            # resources per page when `count` is absent
 MAX_PAGE_SIZE = 1000               # `count` above this is capped (RFC 7644 §3.4.2.4)
 MAX_OPERATIONS = 1000              # operations in one PATCH request
+MAX_MEMBERS = 10000                # members named in one request (POST, PUT or PATCH)
 TOKEN_TOUCH_SECONDS = 60           # how often a token's last_used is written
+AUTH_FAILURE_LIMIT = 10            # failed authentications allowed per client address ...
+AUTH_FAILURE_WINDOW = 60           # ... in this many seconds; then 429 until the window moves
 
 URN_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 URN_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
@@ -92,6 +95,10 @@ class Settings:
     public_url: str = ""                   # e.g. https://scim.example.com; "" = http://host:port
     threads: int = 8                       # waitress worker threads
     max_body_bytes: int = MAX_BODY_BYTES   # larger request bodies get 413
+    durability: str = "full"               # full: fsync every commit; normal: may lose the last
+    #                                        commits on power loss (never on a process crash)
+    trusted_proxy: str = ""                # address of the reverse proxy whose X-Forwarded-For
+    #                                        is believed; "" = believe no one
 
     @property
     def base_url(self):
@@ -112,6 +119,13 @@ def validate_public_url(value):
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
         raise ValueError("public URL must look like https://scim.example.com[/prefix]: %r" % value)
     return value.rstrip("/")
+
+
+def durability_mode(value):
+    """`full` or `normal`, as SQLite's `PRAGMA synchronous` takes them."""
+    if value.lower() not in ("full", "normal"):
+        raise ValueError("durability must be full or normal, not %r" % value)
+    return value.lower()
 
 
 def utc_now():
@@ -264,6 +278,7 @@ class Store:
         # free; SQLite's own busy handler (for other processes) polls with
         # sleeps of up to 100 ms, which made queued writes take up to a second.
         self._write_lock = threading.Lock()
+        self._check_integrity()
         try:
             self._enable_wal()
             self.migrate()
@@ -290,6 +305,27 @@ class Store:
             with self._lock:
                 self._connections.append(conn)
         return conn
+
+    def _check_integrity(self):
+        """Refuse a damaged file before anything writes to it.
+
+        `PRAGMA quick_check` on a read-only connection: a file that fails it
+        is left exactly as it was, for the admin to restore from a backup.
+        """
+        if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
+            return
+        uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(self.path))
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=30)
+            try:
+                result = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            result = [str(exc)]
+        if result != ["ok"]:
+            raise DatabaseError("%s fails SQLite's integrity check (%s); it was left untouched: "
+                                "restore it from a backup" % (self.path, "; ".join(result[:3])))
 
     def _enable_wal(self, patience=30.0):
         """Switch the file to WAL once (the mode is stored in the file).
@@ -986,8 +1022,11 @@ def coerce_members(value):
     """Group members as sent in POST, PUT or PATCH: a list of {"value": id,
     "type"?}. A member without an id is an error, not something to drop."""
     attribute = GROUP_SCHEMA.attribute("members")
+    values = value if isinstance(value, list) else [value]
+    if len(values) > MAX_MEMBERS:
+        raise ScimError(400, "tooMany", "at most %d members in one request" % MAX_MEMBERS)
     members = []
-    for item in value if isinstance(value, list) else [value]:
+    for item in values:
         if isinstance(item, str):
             item = {"value": item}
         member = coerce_single(attribute, item, "members")
@@ -1929,6 +1968,9 @@ def apply_patch(resource_type, document, operations):
                                                        exc.detail)
             raise
     check_required(resource_type, document)
+    named = sum(len(change[1]) for change in member_changes if change[0] in ("add", "remove"))
+    if named > MAX_MEMBERS:
+        raise ScimError(400, "tooMany", "at most %d members in one request" % MAX_MEMBERS)
     return document, member_changes
 
 
@@ -2515,8 +2557,56 @@ def scim_response(status, body=None, headers=None):
 
 
 def error_response(error):
-    headers = {"WWW-Authenticate": 'Bearer realm="scim"'} if error.status == 401 else {}
+    headers = {}
+    if error.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="scim"'   # RFC 6750 §3
+    if getattr(error, "retry_after", None):
+        headers["Retry-After"] = str(error.retry_after)
     return scim_response(error.status, error.to_json(), headers)
+
+
+class AuthThrottle:
+    """Failed authentications per client address, in a sliding window.
+
+    After AUTH_FAILURE_LIMIT failures within AUTH_FAILURE_WINDOW seconds, a
+    request from that address without a valid token gets 429 and
+    Retry-After until the oldest failure leaves the window. A request with
+    a valid token is never refused: the token is checked first. The client
+    address is waitress's REMOTE_ADDR, which is the X-Forwarded-For address
+    only when the request came from the configured --trusted-proxy.
+    """
+
+    MAX_ADDRESSES = 10000   # memory bound: the oldest addresses are forgotten first
+
+    def __init__(self, limit=AUTH_FAILURE_LIMIT, window=AUTH_FAILURE_WINDOW, clock=time.monotonic):
+        self.limit = limit
+        self.window = window
+        self.clock = clock
+        self._failures = {}   # address -> [monotonic times], oldest first; dicts keep insertion order
+        self._lock = threading.Lock()
+
+    def retry_after(self, address):
+        """Seconds until `address` may try again (0: it may now)."""
+        with self._lock:
+            recent = self._recent(address)
+            if len(recent) < self.limit:
+                return 0
+            return max(1, math.ceil(recent[0] + self.window - self.clock()))
+
+    def record_failure(self, address):
+        """Count one failure; returns how many `address` has in the window."""
+        with self._lock:
+            recent = self._recent(address)
+            recent.append(self.clock())
+            self._failures.pop(address, None)
+            self._failures[address] = recent   # most recently failing last
+            while len(self._failures) > self.MAX_ADDRESSES:
+                del self._failures[next(iter(self._failures))]
+            return len(recent)
+
+    def _recent(self, address):
+        horizon = self.clock() - self.window
+        return [t for t in self._failures.get(address, ()) if t > horizon]
 
 
 def entity_tags(header):
@@ -2714,6 +2804,7 @@ def make_scim_app(store, settings):
     app.config["catchall"] = False   # our handlers catch everything themselves
     base_url = settings.base_url
     check_token = TokenCheck(store)
+    throttle = AuthThrottle()
     config, resource_types, schemas = discovery_documents(base_url)
 
     def scim_route(path, method, authenticated=True):
@@ -2741,10 +2832,25 @@ def make_scim_app(store, settings):
 
     def authenticate():
         scheme, _, token = (raw_header("Authorization") or "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip() and check_token(token.strip()) is not None:
+            return
+        # Only the header authenticates: a token in the query string (RFC
+        # 6750 §2.3) would end up in proxy logs, so it is never looked at.
+        address = bottle.request.environ.get("REMOTE_ADDR", "")
+        wait = throttle.retry_after(address)
+        if wait:
+            error = ScimError(429, None, "too many failed authentications from this address; "
+                                         "retry after %d seconds" % wait)
+            error.retry_after = wait
+            raise error
+        failures = throttle.record_failure(address)
+        if failures in (1, throttle.limit):
+            print("scim-appliance: authentication failed from %s (%d in %d s%s)" % (
+                address, failures, throttle.window,
+                "; further attempts get 429" if failures == throttle.limit else ""), file=sys.stderr)
         if scheme.lower() != "bearer" or not token.strip():
             raise ScimError(401, None, "send Authorization: Bearer <token>")
-        if check_token(token.strip()) is None:
-            raise ScimError(401, None, "the bearer token is not valid")
+        raise ScimError(401, None, "the bearer token is not valid")
 
     def body():
         return read_request_body(bottle.request.environ, settings.max_body_bytes)
@@ -2924,6 +3030,12 @@ SETTINGS_TABLE = (
     ("threads", "--threads", "SCIM_APPLIANCE_THREADS", int, "worker threads"),
     ("max_body_bytes", "--max-body-bytes", "SCIM_APPLIANCE_MAX_BODY_BYTES", int,
      "largest accepted request body in bytes"),
+    ("durability", "--durability", "SCIM_APPLIANCE_DURABILITY", durability_mode,
+     "full: every acknowledged write survives a crash and a power loss; normal: it survives "
+     "a crash of the process, but a power loss may undo the last commits"),
+    ("trusted_proxy", "--trusted-proxy", "SCIM_APPLIANCE_TRUSTED_PROXY", str,
+     "address of the reverse proxy (e.g. 127.0.0.1) whose X-Forwarded-For names the client; "
+     "from anyone else forwarded headers are removed"),
 )
 
 
@@ -2973,14 +3085,20 @@ def serve(settings, out=sys.stdout):
     """Run the SCIM listener until SIGTERM or Ctrl-C."""
     import waitress.server
 
-    store = Store(settings.db)
+    store = Store(settings.db, synchronous=settings.durability.upper())
     app = make_scim_app(store, settings)
+    proxy = {}
+    if settings.trusted_proxy:
+        # waitress rewrites REMOTE_ADDR from X-Forwarded-For, but only for
+        # requests whose peer is this proxy; everyone else's are removed.
+        proxy = dict(trusted_proxy=settings.trusted_proxy, trusted_proxy_count=1,
+                     trusted_proxy_headers={"x-forwarded-for"})
     try:
         server = waitress.server.create_server(
             app, host=settings.host, port=settings.port, threads=settings.threads,
             ident="scim-appliance", clear_untrusted_proxy_headers=True,
             # Our own limit answers with a SCIM 413; waitress's is a backstop.
-            max_request_body_size=settings.max_body_bytes * 4)
+            max_request_body_size=settings.max_body_bytes * 4, **proxy)
     except OSError as exc:
         store.close()
         raise SystemExit("scim-appliance: cannot listen on %s:%d: %s" % (settings.host, settings.port,
