@@ -840,6 +840,26 @@ def test_count_above_the_maximum_is_capped(client, db, monkeypatch):
     assert user_count(db) == 5
 
 
+@pytest.mark.parametrize("query, total_on_page", [
+    ("?startIndex=" + "9" * 30, 0),                       # past any page: empty, not an error
+    ("?startIndex=" + "9" * 19 + "&count=" + "9" * 19, 0),  # beyond SQLite's 64-bit integers
+    ("?count=" + "9" * 30, 7),                            # capped at MAX_PAGE_SIZE
+    ("?count=-" + "9" * 30, 0),                           # negative means 0
+    ("?startIndex=-" + "9" * 30 + "&count=3", 3),         # below 1 means 1
+])
+def test_huge_paging_values_follow_the_rfc_never_500(client, seven_users, query, total_on_page):
+    """Issue 3 item 11: huge startIndex/count follow RFC 7644 §3.4.2.4."""
+    body = list_users(client, query)
+    assert body["totalResults"] == 7 and body["itemsPerPage"] == total_on_page
+    assert 1 <= body["startIndex"] <= 2 ** 62
+
+
+def test_huge_paging_values_in_a_search_request(client, seven_users):
+    body = client.post("/Users/.search", {"schemas": [URN_SEARCH], "startIndex": 10 ** 30,
+                                          "count": 10 ** 30}, status=200).json
+    assert body["totalResults"] == 7 and body["Resources"] == []
+
+
 @pytest.mark.parametrize("query", ["?count=abc", "?count=1.5", "?startIndex=x", "?startIndex=1e3",
                                    "?count=0x10", "?startIndex=2&count=ten"])
 def test_non_integer_paging_parameters_are_400(client, seven_users, query):
