@@ -3081,6 +3081,35 @@ def build_parser():
     return parser
 
 
+MAX_HEADER_BYTES = 64 * 1024   # request line + headers; more gets 431 (a 4096-character filter fits)
+
+
+def _strict_channel_class():
+    """waitress's HTTP channel, refusing a request with both Content-Length
+    and Transfer-Encoding.
+
+    RFC 9112 §6.1: such a message "might indicate an attempt to perform
+    request smuggling ... or response splitting"; a server "MUST close the
+    connection after responding". waitress 3.0.2 obeys Transfer-Encoding and
+    keeps the connection open, so bytes a front proxy counted as body would
+    be answered as a second request. Refusing it with 400 closes the
+    connection, and nothing reaches the application.
+    """
+    import waitress.channel
+    import waitress.parser
+
+    class StrictRequestParser(waitress.parser.HTTPRequestParser):
+        def parse_header(self, header_plus):
+            super().parse_header(header_plus)
+            if self.chunked and "CONTENT_LENGTH" in self.headers:
+                raise waitress.parser.ParsingError("Content-Length and Transfer-Encoding together")
+
+    class StrictChannel(waitress.channel.HTTPChannel):
+        parser_class = StrictRequestParser
+
+    return StrictChannel
+
+
 def serve(settings, out=sys.stdout):
     """Run the SCIM listener until SIGTERM or Ctrl-C."""
     import waitress.server
@@ -3098,7 +3127,9 @@ def serve(settings, out=sys.stdout):
             app, host=settings.host, port=settings.port, threads=settings.threads,
             ident="scim-appliance", clear_untrusted_proxy_headers=True,
             # Our own limit answers with a SCIM 413; waitress's is a backstop.
-            max_request_body_size=settings.max_body_bytes * 4, **proxy)
+            max_request_body_size=settings.max_body_bytes * 4,
+            max_request_header_size=MAX_HEADER_BYTES, **proxy)
+        server.channel_class = _strict_channel_class()
     except OSError as exc:
         store.close()
         raise SystemExit("scim-appliance: cannot listen on %s:%d: %s" % (settings.host, settings.port,
