@@ -3,12 +3,15 @@
 import glob
 import hashlib
 import json
+import math
 import re
+import secrets
 
 import pytest
+import webtest
 
 import scim_appliance
-from conftest import assert_scim_error, ScimClient, stored_document
+from conftest import assert_scim_error, LiveServer, run_cli, ScimClient, stored_document
 from scim_appliance import URN_ERROR, URN_GROUP, URN_PATCH, URN_SEARCH, URN_USER
 
 
@@ -283,3 +286,305 @@ def test_request_authentication_uses_compare_digest_once_per_live_token(store, c
 def test_non_utf8_bytes_in_the_authorization_header_are_401(anonymous, db, authorization):
     """Found by fuzzing: bottle's header decoding raised, so any anonymous client could cause a 500."""
     assert_401(anonymous.get("/Users", headers={"Authorization": authorization}, status=401))
+
+
+# -- issue 3, item 13: every refused credential, on every protected route ------------
+
+# Credential forms the BAD_CREDENTIALS matrix above does not already cover.
+MALFORMED_CREDENTIALS = {
+    "empty_header": "",                              # "Authorization:" with nothing after it
+    "bearer_two_words": "Bearer a b",
+    "token_scheme_other_secret": "Token x",
+    "basic_user_password": "Basic dXNlcjpwYXNz",     # user:pass
+    "token_then_extra_word": "Bearer {token} x",
+    "no_space_after_scheme": "Bearer{token}",
+    "tab_after_scheme": "Bearer\t{token}",           # RFC 6750 §2.1: "Bearer" 1*SP b64token
+}
+
+PROTECTED_IDS = ["%s %s" % (m, p or "/") for m, p, _ in PROTECTED]
+
+
+@pytest.mark.parametrize("credential", sorted(MALFORMED_CREDENTIALS))
+@pytest.mark.parametrize("method,path,body", PROTECTED, ids=PROTECTED_IDS)
+def test_protected_endpoint_refuses_malformed_authorization_and_changes_nothing(
+        anonymous, db, token, resources, method, path, body, credential):
+    """Issue 3 item 13: empty and malformed Authorization headers are 401 with a Bearer challenge."""
+    before = snapshot(db)
+    headers = {"Authorization": MALFORMED_CREDENTIALS[credential].format(token=token)}
+    response = anonymous.request(method, path.format(**resources), body, status="*", headers=headers)
+    assert_401(response)
+    assert resources["user"] not in response.text
+    assert snapshot(db) == before
+
+
+@pytest.mark.parametrize("method,path,body", PROTECTED, ids=PROTECTED_IDS)
+def test_protected_endpoint_refuses_a_revoked_token_and_changes_nothing(
+        store, client, db, token, resources, method, path, body):
+    """Issue 3 item 13: a revoked token is 401 on every protected route, at once."""
+    with store.write() as tx:
+        assert tx.revoke_token("entra", scim_appliance.utc_now()) == 1
+    before = snapshot(db)
+    response = client.request(method, path.format(**resources), body, status="*")
+    assert_401(response)
+    assert resources["user"] not in response.text
+    assert snapshot(db) == before
+
+
+def with_query(path, name, value):
+    return path + ("&" if "?" in path else "?") + "%s=%s" % (name, value)
+
+
+@pytest.mark.parametrize("parameter", ["access_token", "token", "bearer"])
+@pytest.mark.parametrize("method,path,body", PROTECTED, ids=PROTECTED_IDS)
+def test_valid_token_in_the_query_string_never_authenticates(
+        anonymous, db, token, resources, method, path, body, parameter):
+    """Issue 3 item 13 (RFC 6750 §2.3 is not supported): a URI query token is 401 and changes nothing."""
+    before = snapshot(db)
+    response = anonymous.request(method, with_query(path.format(**resources), parameter, token), body,
+                                 status="*")
+    assert_401(response)
+    assert resources["user"] not in response.text
+    assert snapshot(db) == before
+
+
+def test_valid_token_in_a_form_body_never_authenticates(anonymous, db, token, resources):
+    """RFC 6750 §2.2 (form-encoded body parameter) is not supported either: 401, nothing written."""
+    before = snapshot(db)
+    response = anonymous.request("POST", "/Users", raw=("access_token=" + token).encode(), status="*",
+                                 content_type="application/x-www-form-urlencoded")
+    assert_401(response)
+    assert snapshot(db) == before
+
+
+def test_query_string_token_beside_a_valid_header_changes_nothing_about_the_answer(client, db, token):
+    """The query parameter is ignored, not an error: with a valid header the request is served."""
+    created = client.post(with_query("/Users", "access_token", token),
+                          {"schemas": [URN_USER], "userName": "query@example.com"}).json
+    assert stored_document(db, "users", created["id"])["userName"] == "query@example.com"
+    assert client.get(with_query("/Users", "access_token", "scimapp_wrong")).json["totalResults"] == 1
+
+
+def test_plaintext_tokens_reach_neither_the_database_files_nor_the_server_output(tmp_path):
+    """Issue 3 item 13: after real traffic (accepted, refused, query-string tokens) the token's text
+    and a refused token-shaped secret appear nowhere in the .db/-wal/-shm bytes or in stdout+stderr."""
+    db_path = str(tmp_path / "secret.db")
+    token = run_cli("token", "create", "--name", "entra", "--db", db_path).stdout.strip()
+    wrong = scim_appliance.TOKEN_PREFIX + secrets.token_urlsafe(32)
+    assert wrong != token and len(wrong) == len(token)
+    server = LiveServer(db_path)
+    try:
+        status, _, user = server.request("POST", "/Users", {"schemas": [URN_USER], "userName": "s@example.com"},
+                                         token=token)
+        assert status == 201
+        status, _, group = server.request("POST", "/Groups", {"schemas": [URN_GROUP], "displayName": "S",
+                                                              "members": [{"value": user["id"]}]}, token=token)
+        assert status == 201
+        assert server.request("GET", "/Users/" + user["id"], token=token)[0] == 200
+        # Refused: a token-shaped wrong secret, the real token in the query string (with and without
+        # a header), the real token with a suffix or under another scheme; fewer than the throttle limit.
+        refused = [
+            ("GET", "/Users", {"Authorization": "Bearer " + wrong}),
+            ("POST", "/Users?access_token=" + token, {}),
+            ("GET", "/Users?token=%s&bearer=%s" % (token, token), {"Authorization": "Bearer " + wrong}),
+            ("GET", "/Groups/" + group["id"], {"Authorization": "Bearer " + token + "x"}),
+            ("DELETE", "/Users/" + user["id"], {"Authorization": "Basic " + token}),
+        ]
+        assert len(refused) < scim_appliance.AUTH_FAILURE_LIMIT
+        for method, path, headers in refused:
+            body = {"schemas": [URN_USER], "userName": "q@example.com"} if method == "POST" else None
+            status, response_headers, error = server.request(method, path, body, token="", headers=headers)
+            assert status == 401, (method, path, error)
+            assert response_headers["WWW-Authenticate"].startswith("Bearer")
+        # Served: the real token in the header, beside one in the query string.
+        assert server.request("GET", "/Users?access_token=" + token, token=token)[2]["totalResults"] == 1
+        files = sorted(glob.glob(db_path + "*"))
+        while_running = b"".join(open(path, "rb").read() for path in files)
+    finally:
+        output = server.stop()
+    after_stop = b"".join(open(path, "rb").read() for path in sorted(glob.glob(db_path + "*")))
+    assert db_path + "-wal" in files   # the log was there to be searched while the server ran
+    # Positive controls: these are the files and the output that were written to.
+    assert hashlib.sha256(token.encode()).hexdigest().encode() in while_running + after_stop
+    assert user["id"].encode() in while_running + after_stop
+    assert "authentication failed from 127.0.0.1" in output
+    for secret in (token, wrong):
+        for text in (secret, secret[len(scim_appliance.TOKEN_PREFIX):]):
+            assert text.encode() not in while_running
+            assert text.encode() not in after_stop
+            assert text not in output
+
+
+# -- issue 3, item 14: failed authentication is throttled per client address ----------
+
+def fake_throttle(limit=3, window=60):
+    """An AuthThrottle on a clock the test moves by hand: (throttle, [now])."""
+    now = [1000.0]
+    return scim_appliance.AuthThrottle(limit=limit, window=window, clock=lambda: now[0]), now
+
+
+def test_throttle_allows_until_the_limit_then_waits_for_the_oldest_failure():
+    """retry_after is 0 below the limit, then the seconds until the oldest failure leaves the window."""
+    throttle, now = fake_throttle()
+    assert throttle.retry_after("192.0.2.1") == 0
+    for number, at in enumerate((1000.0, 1010.0, 1020.0), 1):
+        now[0] = at
+        assert throttle.retry_after("192.0.2.1") == 0
+        assert throttle.record_failure("192.0.2.1") == number
+    assert throttle.retry_after("192.0.2.1") == 40          # 1000 + 60 - 1020
+    now[0] = 1050.0
+    assert throttle.retry_after("192.0.2.1") == 10
+    now[0] = 1059.25
+    assert throttle.retry_after("192.0.2.1") == 1           # rounded up: never "retry now" too early
+    now[0] = 1060.0                                         # the first failure has left the window
+    assert throttle.retry_after("192.0.2.1") == 0
+    assert throttle.record_failure("192.0.2.1") == 3        # 1010, 1020, 1060
+    assert throttle.retry_after("192.0.2.1") == 10          # until 1010 leaves
+    now[0] = 1200.0
+    assert throttle.retry_after("192.0.2.1") == 0
+    assert throttle.record_failure("192.0.2.1") == 1        # the old failures are gone
+
+
+@pytest.mark.parametrize("limit,window", [(1, 5), (3, 60), (10, 60)])
+def test_throttle_retry_after_is_a_whole_positive_number_of_seconds(limit, window):
+    throttle, now = fake_throttle(limit=limit, window=window)
+    for _ in range(limit):
+        throttle.record_failure("198.51.100.7")
+        now[0] += 0.3
+    wait = throttle.retry_after("198.51.100.7")
+    assert isinstance(wait, int) and wait >= 1
+    assert wait == max(1, math.ceil(1000.0 + window - now[0]))
+
+
+def test_throttle_counts_each_address_on_its_own():
+    throttle, now = fake_throttle()
+    for _ in range(3):
+        throttle.record_failure("192.0.2.1")
+    assert throttle.retry_after("192.0.2.1") == 60
+    assert throttle.retry_after("192.0.2.2") == 0
+    assert throttle.retry_after("2001:db8::1") == 0
+    assert throttle.record_failure("192.0.2.2") == 1
+    assert throttle.record_failure("192.0.2.2") == 2
+    assert throttle.retry_after("192.0.2.2") == 0
+    assert throttle.retry_after("192.0.2.1") == 60
+
+
+def test_throttle_remembers_at_most_max_addresses_forgetting_the_least_recent(monkeypatch):
+    """The memory bound: beyond MAX_ADDRESSES, the address that failed longest ago is forgotten."""
+    monkeypatch.setattr(scim_appliance.AuthThrottle, "MAX_ADDRESSES", 4)
+    throttle, now = fake_throttle()
+    for _ in range(3):
+        throttle.record_failure("10.0.0.1")
+    for address in ("10.0.0.2", "10.0.0.3", "10.0.0.4"):
+        for _ in range(3):
+            throttle.record_failure(address)
+    assert all(throttle.retry_after("10.0.0.%d" % n) == 60 for n in range(1, 5))
+    throttle.record_failure("10.0.0.1")                      # now the most recent, not the oldest
+    throttle.record_failure("10.0.0.5")
+    assert throttle.retry_after("10.0.0.2") == 0             # forgotten
+    assert throttle.retry_after("10.0.0.1") == 60            # kept
+    for number in range(6, 200):
+        throttle.record_failure("10.0.%d.%d" % (number // 250, number % 250))
+    assert len(throttle._failures) == 4
+    assert all(throttle.retry_after("10.0.0.%d" % n) == 0 for n in range(1, 6))
+
+
+# -- throttling over HTTP ----------------------------------------------------------------
+
+def client_from(wsgi_app, token, address):
+    """A client of `wsgi_app` whose requests come from REMOTE_ADDR `address`."""
+    return ScimClient(webtest.TestApp(wsgi_app, extra_environ={"REMOTE_ADDR": address}), token)
+
+
+def assert_429(response):
+    body = assert_scim_error(response, 429)
+    assert re.fullmatch(r"[1-9][0-9]*", response.headers["Retry-After"])
+    assert 1 <= int(response.headers["Retry-After"]) <= scim_appliance.AUTH_FAILURE_WINDOW
+    return body
+
+
+def fail_until_throttled(attacker):
+    """AUTH_FAILURE_LIMIT refused requests of assorted kinds, each a 401."""
+    kinds = [{}, {"Authorization": "Bearer scimapp_" + "B" * 43}, {"Authorization": "Basic dXNlcjpwYXNz"},
+             {"Authorization": "Bearer"}]
+    for number in range(scim_appliance.AUTH_FAILURE_LIMIT):
+        assert_401(attacker.get("/Users", status="*", headers=kinds[number % len(kinds)]))
+
+
+def test_limit_failures_from_one_address_get_429_and_other_addresses_still_get_401(
+        wsgi_app, token, db, resources):
+    """Issue 3 item 14: after AUTH_FAILURE_LIMIT failures → 429 + Retry-After; elsewhere still 401."""
+    attacker = client_from(wsgi_app, None, "203.0.113.9")
+    fail_until_throttled(attacker)
+    before = snapshot(db)
+    assert_429(attacker.get("/Users", status="*"))
+    assert_429(attacker.get("/Users/" + resources["user"], status="*",
+                            headers={"Authorization": "Bearer scimapp_" + "C" * 43}))
+    assert_429(attacker.post("/Users", {"schemas": [URN_USER], "userName": "in@example.com"}, status="*"))
+    assert_429(attacker.delete("/Groups/" + resources["group"], status="*"))
+    # A token in the query string still authenticates nothing: it is refused like any other.
+    assert_429(attacker.get(with_query("/Users", "access_token", token), status="*"))
+    assert snapshot(db) == before
+    neighbour = client_from(wsgi_app, None, "203.0.113.10")
+    assert_401(neighbour.get("/Users", status="*"))
+    assert_401(neighbour.delete("/Users/" + resources["user"], status="*"))
+    assert snapshot(db) == before
+
+
+def test_a_valid_token_from_a_throttled_address_is_always_served(wsgi_app, token, db, resources):
+    """Issue 3 item 14: the token is checked first, so Entra is never locked out by someone else."""
+    fail_until_throttled(client_from(wsgi_app, None, "203.0.113.9"))
+    entra = client_from(wsgi_app, token, "203.0.113.9")
+    assert entra.get("/Users").json["totalResults"] == 1
+    assert entra.get("/Users/" + resources["user"]).json["id"] == resources["user"]
+    created = entra.create_user("after@example.com")
+    assert stored_document(db, "users", created["id"])["userName"] == "after@example.com"
+    entra.delete("/Groups/" + resources["group"])
+    assert stored_document(db, "groups", resources["group"]) is None
+    # Still throttled for requests without a valid token.
+    assert_429(client_from(wsgi_app, None, "203.0.113.9").get("/Users", status="*"))
+
+
+def test_429_writes_nothing_not_even_token_last_used(wsgi_app, token, db, resources):
+    """A 429 is answered before anything is read or written."""
+    attacker = client_from(wsgi_app, None, "203.0.113.9")
+    fail_until_throttled(attacker)
+    before = snapshot(db)
+    for method, path, body in PROTECTED:
+        response = attacker.request(method, path.format(**resources), body, status="*",
+                                    headers={"Authorization": "Bearer " + token + "x"})
+        assert_429(response)
+        assert resources["user"] not in response.text
+    assert snapshot(db) == before
+
+
+def test_throttle_window_moves_on_and_retry_after_counts_down_over_http(store, settings, token, db, monkeypatch):
+    """With the app's clock faked: Retry-After is exactly the time to the window's end, then 401 again."""
+    now = [5000.0]
+    real = scim_appliance.AuthThrottle
+    monkeypatch.setattr(scim_appliance, "AuthThrottle", lambda: real(clock=lambda: now[0]))
+    app = scim_appliance.make_scim_app(store, settings)
+    attacker = client_from(app, None, "192.0.2.50")
+    for _ in range(scim_appliance.AUTH_FAILURE_LIMIT):
+        assert_401(attacker.get("/Users", status="*"))
+    response = attacker.get("/Users", status="*")
+    assert_429(response)
+    assert response.headers["Retry-After"] == str(scim_appliance.AUTH_FAILURE_WINDOW)
+    now[0] += 25
+    assert attacker.get("/Users", status="*").headers["Retry-After"] == str(
+        scim_appliance.AUTH_FAILURE_WINDOW - 25)
+    now[0] = 5000.0 + scim_appliance.AUTH_FAILURE_WINDOW
+    assert_401(attacker.get("/Users", status="*"))
+    assert client_from(app, token, "192.0.2.50").get("/Users").json["totalResults"] == 0
+    assert db.execute("SELECT count(*) FROM users").fetchone()[0] == 0
+
+
+def test_first_and_limit_th_failure_are_logged_without_the_presented_secret(wsgi_app, token, capsys):
+    """One line at the 1st and at the AUTH_FAILURE_LIMIT-th failure, naming the address, never the secret."""
+    attacker = client_from(wsgi_app, None, "198.51.100.23")
+    for _ in range(scim_appliance.AUTH_FAILURE_LIMIT + 2):
+        attacker.get("/Users", status="*", headers={"Authorization": "Bearer " + token + "x"})
+    lines = [line for line in capsys.readouterr().err.splitlines() if "authentication failed" in line]
+    assert len(lines) == 2
+    assert all(line.startswith("scim-appliance: authentication failed from 198.51.100.23") for line in lines)
+    assert "429" in lines[1]
+    assert token not in "\n".join(lines) and token[len("scimapp_"):] not in "\n".join(lines)
