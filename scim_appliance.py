@@ -355,6 +355,11 @@ class Store:
             self._connections.clear()
         self._local = threading.local()
 
+    def read_once(self):
+        """For a single SELECT: SQLite runs one statement atomically, so it
+        needs no BEGIN/COMMIT around it (two fewer calls into SQLite)."""
+        return Transaction(self._connection())
+
     @contextlib.contextmanager
     def read(self):
         """A consistent snapshot for several SELECTs (WAL: never blocks writers)."""
@@ -447,11 +452,23 @@ class Transaction:
         sql = "SELECT count(*) FROM %s WHERE %s" % (table, where)
         return self.conn.execute(sql, params).fetchone()[0]
 
-    def select(self, table, where, params, order_by, limit, offset):
-        sql = "SELECT * FROM %s WHERE %s ORDER BY %s LIMIT ? OFFSET ?" % (table, where, order_by)
+    def select(self, table, where, params, order_by, limit, offset, with_groups=False):
+        """A page of rows. With `with_groups` (users), each row also carries
+        "groups": [(group_id, display_name), ...], fetched in the same statement."""
+        groups = ""
+        if with_groups:
+            groups = (", (SELECT json_group_array(json_array(id, display_name)) FROM "
+                      "(SELECT g.id, g.display_name FROM members m JOIN groups g ON g.id = m.group_id "
+                      "WHERE m.member_id = %s.id ORDER BY g.display_name_key)) AS groups_json" % table)
+        sql = "SELECT %s.*%s FROM %s WHERE %s ORDER BY %s LIMIT ? OFFSET ?" % (
+            table, groups, table, where, order_by)
         cursor = self.conn.execute(sql, tuple(params) + (limit, offset))
         names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row)) for row in cursor]
+        rows = [dict(zip(names, row)) for row in cursor]
+        if with_groups:
+            for row in rows:
+                row["groups"] = [tuple(pair) for pair in json.loads(row.pop("groups_json"))]
+        return rows
 
     # -- members ------------------------------------------------------------
 
@@ -517,6 +534,12 @@ class Transaction:
                               (name, digest, created))
         except sqlite3.IntegrityError as exc:
             raise ValueError("a token named %r already exists" % name) from exc
+
+    def change_counter(self):
+        """A value that changes whenever anything is committed: by another
+        connection (`PRAGMA data_version`) or by this one (`total_changes`).
+        A cheap "has anything changed since?"."""
+        return self.conn.execute("PRAGMA data_version").fetchone()[0], self.conn.total_changes
 
     def live_tokens(self):
         """(name, digest) of every token that has not been revoked."""
@@ -2443,32 +2466,52 @@ def list_resources(store, resource_types, query, base_url):
         plans.append((resource_type, where, params, order))
     if not plans:
         raise first_error
+    if len(plans) == 1 and query.start_index == 1 and query.count > 0:
+        # Entra's lookups: one type, first page. One SELECT, read without a
+        # transaction; only a full page needs a second statement (the count),
+        # and then both run again in one snapshot below.
+        resource_type, where, params, order = plans[0]
+        projection = Projection(resource_type, query.attributes, query.excluded)
+        rows = store.read_once().select(resource_type.table, where, params, order, query.count, 0,
+                                        with_groups=resource_type is USER and projection.wants("groups"))
+        if len(rows) < query.count and (resource_type is USER or not projection.wants("members")):
+            resources = _render_page(store.read_once(), resource_type, rows, base_url, projection)
+            return _list_response(resources, len(resources), query.start_index)
     resources = []
     total = 0
     offset = query.start_index - 1
     with store.read() as tx:
         for resource_type, where, params, order in plans:
-            matching = tx.count(resource_type.table, where, params)
             wanted = query.count - len(resources)
-            if wanted > 0 and offset < matching:
-                rows = tx.select(resource_type.table, where, params, order, wanted, offset)
-                resources.extend(_render_page(tx, resource_type, rows, base_url, query))
+            rows = []
+            if wanted > 0:
+                projection = Projection(resource_type, query.attributes, query.excluded)
+                rows = tx.select(resource_type.table, where, params, order, wanted, offset,
+                                 with_groups=resource_type is USER and projection.wants("groups"))
+                resources.extend(_render_page(tx, resource_type, rows, base_url, projection))
+            # A short first page is the whole result (Entra's lookups: 0 or 1
+            # row): only otherwise is a count needed.
+            if offset == 0 and len(rows) < wanted:
+                matching = len(rows)
+            else:
+                matching = tx.count(resource_type.table, where, params)
             offset = max(0, offset - matching)
             total += matching
+    return _list_response(resources, total, query.start_index)
+
+
+def _list_response(resources, total, start_index):
+    """RFC 7644 §3.4.2: every list response carries all five keys."""
     return {"schemas": [URN_LIST], "totalResults": total, "Resources": resources,
-            "startIndex": query.start_index, "itemsPerPage": len(resources)}
+            "startIndex": start_index, "itemsPerPage": len(resources)}
 
 
-def _render_page(tx, resource_type, rows, base_url, query):
-    projection = Projection(resource_type, query.attributes, query.excluded)
-    groups = {}
-    if resource_type is USER and projection.wants("groups"):
-        groups = tx.groups_of([row["id"] for row in rows])
+def _render_page(tx, resource_type, rows, base_url, projection):
     page = []
     for row in rows:
         members = tx.group_members(row["id"]) if resource_type is GROUP and projection.wants("members") else None
         page.append(projection.apply(render_resource(resource_type, row, base_url, members,
-                                                     groups.get(row["id"]))))
+                                                     row.get("groups"))))
     return page
 
 
@@ -2504,17 +2547,28 @@ def revoke_token(store, name):
 
 class TokenCheck:
     """Authenticates bearer tokens, recording each token's last use at most
-    once a minute so that reads do not become writes."""
+    once a minute so that reads do not become writes.
+
+    Each thread keeps the live tokens it last read and reads them again only
+    when the database has changed since (`token create`/`revoke` commit from
+    another process): a revoked token fails at once, and a lookup costs one
+    cheap call into SQLite instead of a query.
+    """
 
     def __init__(self, store):
         self.store = store
         self._touched = {}
         self._lock = threading.Lock()
+        self._cache = threading.local()   # .version, .tokens; connections are per thread too
 
     def __call__(self, presented):
         """The token's name, or None if `presented` is not a live token."""
-        with self.store.read() as tx:
-            found = match_token(presented, tx.live_tokens())
+        tx = self.store.read_once()
+        version = tx.change_counter()
+        if getattr(self._cache, "version", None) != version:
+            self._cache.tokens = tx.live_tokens()
+            self._cache.version = version
+        found = match_token(presented, self._cache.tokens)
         if found is None:
             return None
         name, digest = found

@@ -588,3 +588,24 @@ def test_first_and_limit_th_failure_are_logged_without_the_presented_secret(wsgi
     assert all(line.startswith("scim-appliance: authentication failed from 198.51.100.23") for line in lines)
     assert "429" in lines[1]
     assert token not in "\n".join(lines) and token[len("scimapp_"):] not in "\n".join(lines)
+
+
+def test_token_check_reads_tokens_again_only_after_a_commit(store, token, monkeypatch):
+    """TokenCheck keeps the live tokens per thread and reads them again only
+    when something was committed — by this connection or another process —
+    so a revocation takes effect at the next request."""
+    reads = []
+    original = scim_appliance.Transaction.live_tokens
+    monkeypatch.setattr(scim_appliance.Transaction, "live_tokens",
+                        lambda tx: reads.append(1) or original(tx))
+    check = scim_appliance.TokenCheck(store)
+    assert check(token) == "entra" and check(token) == "entra" and check("wrong") is None
+    assert len(reads) == 1
+    other = scim_appliance.Store(store.path)      # another connection, as `token revoke` would be
+    try:
+        scim_appliance.revoke_token(other, "entra")
+    finally:
+        other.close()
+    assert check(token) is None and len(reads) == 2
+    second = scim_appliance.create_token(store, "second")   # a commit on this very connection
+    assert check(second) == "second" and len(reads) == 3
