@@ -434,9 +434,12 @@ class Transaction:
         except sqlite3.IntegrityError as exc:
             raise _conflict_from(exc) from exc
 
-    def get_resource(self, table, resource_id):
-        cursor = self.conn.execute("SELECT * FROM %s WHERE id = ?" % table, (resource_id,))
-        return _row_dict(cursor)
+    def get_resource(self, table, resource_id, with_groups=False):
+        """The row of one user or group (None if there is none); `with_groups`
+        as for `select`."""
+        rows = self.select(table, "%s.id = ?" % table, [resource_id], "%s.rowid" % table, 1, 0,
+                           with_groups=with_groups)
+        return rows[0] if rows else None
 
     def delete_resource(self, table, resource_id):
         """Delete a user or group and every membership that names it."""
@@ -456,7 +459,7 @@ class Transaction:
         """A page of rows. With `with_groups` (users), each row also carries
         "groups": [(group_id, display_name), ...], fetched in the same statement."""
         groups = ""
-        if with_groups:
+        if with_groups:   # User.groups: [[group id, displayName], ...] as JSON
             groups = (", (SELECT json_group_array(json_array(id, display_name)) FROM "
                       "(SELECT g.id, g.display_name FROM members m JOIN groups g ON g.id = m.group_id "
                       "WHERE m.member_id = %s.id ORDER BY g.display_name_key)) AS groups_json" % table)
@@ -565,13 +568,6 @@ def _chunks(ids, size=500):
     for start in range(0, len(ids), size):
         chunk = ids[start:start + size]
         yield chunk, ", ".join("?" * len(chunk))
-
-
-def _row_dict(cursor):
-    row = cursor.fetchone()
-    if row is None:
-        return None
-    return dict(zip([d[0] for d in cursor.description], row))
 
 
 def _conflict_from(exc):
@@ -2310,8 +2306,10 @@ def _check_if_match(if_match, row):
         raise ScimError(412, None, "the resource has changed: version is now %s" % weak_etag(row["version"]))
 
 
-def _load(tx, resource_type, resource_id):
-    row = tx.get_resource(resource_type.table, resource_id)
+def _load(tx, resource_type, resource_id, projection=None):
+    """The stored row, with "groups" when `projection` shows User.groups; else 404."""
+    with_groups = resource_type is USER and projection is not None and projection.wants("groups")
+    row = tx.get_resource(resource_type.table, resource_id, with_groups=with_groups)
     if row is None:
         raise not_found(resource_type.name, resource_id)
     return row
@@ -2351,11 +2349,13 @@ def _apply_member_changes(tx, group_id, changes):
 
 
 def _render_loaded(tx, resource_type, row, base_url, projection):
-    """Render one row, loading members or groups only when the response shows them."""
-    members = groups = None
+    """Render one row, loading members or groups only when the response shows
+    them and the row does not carry them already."""
+    members = None
+    groups = row.get("groups")
     if resource_type is GROUP and projection.wants("members"):
         members = tx.group_members(row["id"])
-    if resource_type is USER and projection.wants("groups"):
+    if resource_type is USER and groups is None and projection.wants("groups"):
         groups = tx.groups_of([row["id"]])[row["id"]]
     return projection.apply(render_resource(resource_type, row, base_url, members, groups))
 
@@ -2391,7 +2391,11 @@ def create_resource(store, resource_type, body, base_url, projection=None):
 
 
 def get_resource(store, resource_type, resource_id, base_url, projection):
-    with store.read() as tx:
+    if resource_type is USER or not projection.wants("members"):
+        tx = store.read_once()   # one statement: the row, with its groups
+        return _render_loaded(tx, resource_type, _load(tx, resource_type, resource_id, projection),
+                              base_url, projection)
+    with store.read() as tx:     # the row and its members, from one snapshot
         return _render_loaded(tx, resource_type, _load(tx, resource_type, resource_id), base_url, projection)
 
 
@@ -2422,7 +2426,7 @@ def patch_resource(store, resource_type, resource_id, body, base_url, if_match=N
     """
     operations = read_patch_request(body)
     with store.write() as tx:
-        current = _load(tx, resource_type, resource_id)
+        current = _load(tx, resource_type, resource_id, projection)
         _check_if_match(if_match, current)
         before = json.loads(current["document"])
         document, member_changes = apply_patch(resource_type, before, operations)
@@ -2433,9 +2437,10 @@ def patch_resource(store, resource_type, resource_id, body, base_url, if_match=N
             row = _row_for(resource_type, resource_id, document, utc_now(), current["version"] + 1,
                            password=password)
             tx.update_resource(resource_type.table, resource_id, row)
+            current = dict(current, **row)   # what is stored now; a user's groups are unchanged
         if projection is None:
             return None
-        return _render_stored(tx, resource_type, resource_id, base_url, projection)
+        return _render_loaded(tx, resource_type, current, base_url, projection)
 
 
 def delete_resource(store, resource_type, resource_id, if_match=None):
