@@ -2370,12 +2370,6 @@ def _read_resource_body(resource_type, body):
     return document, members, password
 
 
-def _render_stored(tx, resource_type, resource_id, base_url, projection):
-    """The resource as it now stands in this transaction."""
-    return _render_loaded(tx, resource_type, tx.get_resource(resource_type.table, resource_id),
-                          base_url, projection)
-
-
 def create_resource(store, resource_type, body, base_url, projection=None):
     """POST: a new user or group (RFC 7644 §3.3). Returns the resource."""
     document, members, password = _read_resource_body(resource_type, body)
@@ -2386,8 +2380,9 @@ def create_resource(store, resource_type, body, base_url, projection=None):
         tx.insert_resource(resource_type.table, row)
         if members:
             _add_members(tx, resource_id, members)
-        return _render_stored(tx, resource_type, resource_id, base_url,
-                              projection or Projection(resource_type))
+        # Rendered from what was just written: a new user is in no group yet.
+        stored = dict(row, groups=[]) if resource_type is USER else row
+        return _render_loaded(tx, resource_type, stored, base_url, projection or Projection(resource_type))
 
 
 def get_resource(store, resource_type, resource_id, base_url, projection):
@@ -2404,8 +2399,9 @@ def replace_resource(store, resource_type, resource_id, body, base_url, if_match
     readOnly attributes in it are ignored. A group's members become exactly
     the listed ones. A user's password is kept unless the body sets one."""
     document, members, password = _read_resource_body(resource_type, body)
+    projection = projection or Projection(resource_type)
     with store.write() as tx:
-        current = _load(tx, resource_type, resource_id)
+        current = _load(tx, resource_type, resource_id, projection)
         _check_if_match(if_match, current)
         row = _row_for(resource_type, resource_id, document, utc_now(), current["version"] + 1,
                        password=password)
@@ -2413,8 +2409,8 @@ def replace_resource(store, resource_type, resource_id, body, base_url, if_match
         if resource_type is GROUP:
             tx.clear_members(resource_id)
             _add_members(tx, resource_id, members)
-        return _render_stored(tx, resource_type, resource_id, base_url,
-                              projection or Projection(resource_type))
+        # Rendered from what was just written; a user's groups are unchanged.
+        return _render_loaded(tx, resource_type, dict(current, **row), base_url, projection)
 
 
 def patch_resource(store, resource_type, resource_id, body, base_url, if_match=None, projection=None):
