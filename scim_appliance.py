@@ -427,10 +427,14 @@ class Transaction:
             raise _conflict_from(exc) from exc
 
     def update_resource(self, table, resource_id, row):
-        assignments = ", ".join("%s = ?" % name for name in row)
+        # Never `SET id`: with foreign keys on, assigning a parent key (even
+        # its own value) makes SQLite check every members row of the group,
+        # so a group PATCH would cost the size of the group.
+        columns = [name for name in row if name != "id"]
+        assignments = ", ".join("%s = ?" % name for name in columns)
         try:
             self.conn.execute("UPDATE %s SET %s WHERE id = ?" % (table, assignments),
-                              tuple(row.values()) + (resource_id,))
+                              tuple(row[name] for name in columns) + (resource_id,))
         except sqlite3.IntegrityError as exc:
             raise _conflict_from(exc) from exc
 
