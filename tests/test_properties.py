@@ -698,6 +698,29 @@ def _simulate_members(world, group_id, before, changes):
 _serial = iter(range(10 ** 9))
 
 
+def patch_over_http(world, resource_type, resource_id, body):
+    """PATCH through HTTP and work out what the engine says should happen.
+
+    Returns (response, row before, row after, (document, member changes)),
+    or with None for the last when the engine refuses the body: then the
+    response is asserted to be the engine's SCIM error and the row unchanged.
+    """
+    body = world.bind(body)
+    before_row = world.row(resource_type.table, resource_id)
+    response = world.client.request("PATCH", "%s/%s" % (resource_type.endpoint, resource_id), body, status="*")
+    assert response.status_int < 500, (response.status, response.body)
+    after_row = world.row(resource_type.table, resource_id)
+    kind, parsed = http_view(body)
+    if kind == "ok":
+        kind, parsed = run_patch(resource_type, json.loads(before_row["document"]), parsed)
+    if kind == "error":
+        error = assert_scim_error(response, parsed.status, "*" if parsed.scim_type else None)
+        assert error.get("scimType") == parsed.scim_type
+        assert after_row == before_row
+        return response, before_row, after_row, None
+    return response, before_row, after_row, parsed
+
+
 @property_settings(300)
 @given(body=user_patch_bodies, start=st.sampled_from(USER_DOCUMENTS[1:]))
 def test_patch_user_over_http_answers_2xx_or_scim_4xx_and_is_all_or_nothing(world, body, start):
@@ -708,20 +731,8 @@ def test_patch_user_over_http_answers_2xx_or_scim_4xx_and_is_all_or_nothing(worl
     initial = world.bind(dict(start, userName="patch-%d@example.com" % next(_serial)))
     user_id = client.post("/Users", dict(initial, schemas=[URN_USER])).json["id"]
     try:
-        body = world.bind(body)
-        before_row = world.row("users", user_id)
-        response = client.request("PATCH", "/Users/" + user_id, body, status="*")
-        assert response.status_int < 500, (response.status, response.body)
-        after_row = world.row("users", user_id)
-        kind, parsed = http_view(body)
-        if kind == "ok":
-            kind, expected = run_patch(USER, json.loads(before_row["document"]), parsed)
-        else:
-            expected = parsed
-        if kind == "error":
-            error = assert_scim_error(response, expected.status, "*" if expected.scim_type else None)
-            assert error.get("scimType") == expected.scim_type
-            assert after_row == before_row
+        response, before_row, after_row, expected = patch_over_http(world, USER, user_id, body)
+        if expected is None:
             return
         new, _ = expected
         sets_password = new.pop("password", None) is not None   # stored as a digest, not in the document
@@ -756,20 +767,8 @@ def test_patch_group_over_http_answers_2xx_or_scim_4xx_and_is_all_or_nothing(wor
                                 members=[{"value": world.ids["ALICE"]}, {"value": world.ids["BOB"]}])
     group_id = group["id"]
     try:
-        body = world.bind(body)
-        before_row = world.row("groups", group_id)
-        response = client.request("PATCH", "/Groups/" + group_id, body, status="*")
-        assert response.status_int < 500, (response.status, response.body)
-        after_row = world.row("groups", group_id)
-        kind, parsed = http_view(body)
-        if kind == "ok":
-            kind, expected = run_patch(GROUP, json.loads(before_row["document"]), parsed)
-        else:
-            expected = parsed
-        if kind == "error":
-            error = assert_scim_error(response, expected.status, "*" if expected.scim_type else None)
-            assert error.get("scimType") == expected.scim_type
-            assert after_row == before_row
+        response, before_row, after_row, expected = patch_over_http(world, GROUP, group_id, body)
+        if expected is None:
             return
         new, changes = expected
         if response.status_int >= 400:
