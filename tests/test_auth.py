@@ -591,17 +591,19 @@ def test_first_and_limit_th_failure_are_logged_without_the_presented_secret(wsgi
 
 
 def test_token_check_reads_tokens_again_only_after_a_commit(store, token, monkeypatch):
-    """TokenCheck keeps the live tokens per thread and reads them again only
-    when something was committed — by this connection or another process —
-    so a revocation takes effect at the next request."""
+    """TokenCheck keeps the live tokens per thread. It reads them again at
+    once after its own connection commits, and sees another process's
+    commit (a `token revoke`) within TOKEN_RECHECK_SECONDS."""
     reads = []
     original = scim_appliance.Transaction.live_tokens
     monkeypatch.setattr(scim_appliance.Transaction, "live_tokens",
                         lambda tx: reads.append(1) or original(tx))
-    check = scim_appliance.TokenCheck(store)
-    assert check(token) == "entra"       # reads, then commits last_used: a change
+    now = [1000.0]
+    check = scim_appliance.TokenCheck(store, clock=lambda: now[0])
+    assert check(token) == "entra"       # reads, then commits last_used: its own change
     assert check(token) == "entra"       # so this reads again
     reads.clear()
+    now[0] += 5 * scim_appliance.TOKEN_RECHECK_SECONDS
     assert check(token) == "entra" and check("wrong") is None and check(token) == "entra"
     assert reads == []                   # nothing committed since: no query
     other = scim_appliance.Store(store.path)      # another connection, as `token revoke` would be
@@ -609,6 +611,8 @@ def test_token_check_reads_tokens_again_only_after_a_commit(store, token, monkey
         scim_appliance.revoke_token(other, "entra")
     finally:
         other.close()
-    assert check(token) is None and len(reads) == 1
+    assert check(token) == "entra" and reads == []      # not looked at within the recheck interval
+    now[0] += scim_appliance.TOKEN_RECHECK_SECONDS
+    assert check(token) is None and len(reads) == 1      # then seen
     second = scim_appliance.create_token(store, "second")   # a commit on this very connection
-    assert check(second) == "second" and len(reads) == 2
+    assert check(second) == "second" and len(reads) == 2     # seen at once
