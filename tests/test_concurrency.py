@@ -12,7 +12,6 @@ import json
 import sqlite3
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -111,6 +110,18 @@ def report(scenario, **figures):
     print("\n[concurrency] %s: %s" % (scenario, ", ".join("%s=%s" % kv for kv in figures.items())))
 
 
+def assert_statuses_and_members(server, group_id, results, statuses, members):
+    """Every response had the expected status, and the group holds exactly
+    `members`: each once in the members table, and in GET /Groups/{id}."""
+    counted = collections.Counter(status for status, _, _ in results)
+    assert counted == statuses, counted
+    stored = db_members(server, group_id)
+    assert len(stored) == len(members)
+    assert set(stored) == set(members)
+    assert listed_members(server, group_id) == set(members)
+    return counted
+
+
 # -- item 4: concurrent membership changes on one group ----------------------------
 
 def test_200_concurrent_member_adds_and_100_concurrent_removals_lose_nothing(live_server):
@@ -125,12 +136,7 @@ def test_200_concurrent_member_adds_and_100_concurrent_removals_lose_nothing(liv
             {"op": "Add", "path": "members", "value": [{"value": user_id}]}))
 
     results, add_seconds = run_all([add(user_id) for user_id in user_ids])
-    add_statuses = collections.Counter(status for status, _, _ in results)
-    assert add_statuses == {204: 200}, add_statuses
-    stored = db_members(server, group_id)
-    assert len(stored) == 200
-    assert set(stored) == set(user_ids)
-    assert listed_members(server, group_id) == set(user_ids)
+    add_statuses = assert_statuses_and_members(server, group_id, results, {204: 200}, user_ids)
 
     # Remove every other user, alternating the two forms Entra sends.
     leaving, staying = user_ids[0::2], user_ids[1::2]
@@ -143,17 +149,12 @@ def test_200_concurrent_member_adds_and_100_concurrent_removals_lose_nothing(liv
         return lambda: server.request("PATCH", "/Groups/" + group_id, patch_body(operation))
 
     results, remove_seconds = run_all([remove(i, user_id) for i, user_id in enumerate(leaving)])
-    removal_statuses = collections.Counter(status for status, _, _ in results)
-    assert removal_statuses == {204: 100}, removal_statuses
-    stored = db_members(server, group_id)
-    assert len(stored) == 100
-    assert set(stored) == set(staying)
-    assert listed_members(server, group_id) == set(staying)
+    removal_statuses = assert_statuses_and_members(server, group_id, results, {204: 100}, staying)
     with live_db(server) as conn:   # the users themselves are untouched
         assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 200
     report("item 4", adds=200, add_statuses=dict(add_statuses), add_wall="%.2fs" % add_seconds,
            removals=100, removal_statuses=dict(removal_statuses), removal_wall="%.2fs" % remove_seconds,
-           members_after=len(stored))
+           members_after=len(staying))
 
 
 # -- item 5: concurrent creation of one userName -----------------------------------

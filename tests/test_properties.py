@@ -946,14 +946,18 @@ class ApiMachine(RuleBasedStateMachine):
 
     @rule(target=deleted, user=consumes(users))
     def delete_user(self, user):
-        response = self.client.delete("/Users/" + user, status="*")
-        hypothesis.event("delete_user: %d" % response.status_int)
+        return self._delete("/Users/", user, self.model_users)
+
+    def _delete(self, endpoint, resource_id, model):
+        """DELETE a user or group: 204, gone from the model and from every group's members."""
+        response = self.client.delete(endpoint + resource_id, status="*")
+        hypothesis.event("delete %s: %d" % (endpoint, response.status_int))
         assert response.status_int == 204, response.body
-        del self.model_users[user]
+        del model[resource_id]
         for group in self.model_groups.values():
-            group["members"].discard(user)
-        self.gone[user] = "/Users/"
-        return user
+            group["members"].discard(resource_id)
+        self.gone[resource_id] = endpoint
+        return resource_id
 
     def _check_user_body(self, body, user_id):
         expected = self.model_users[user_id]
@@ -1031,14 +1035,7 @@ class ApiMachine(RuleBasedStateMachine):
 
     @rule(target=deleted, group=consumes(groups))
     def delete_group(self, group):
-        response = self.client.delete("/Groups/" + group, status="*")
-        hypothesis.event("delete_group: %d" % response.status_int)
-        assert response.status_int == 204, response.body
-        del self.model_groups[group]
-        for other in self.model_groups.values():
-            other["members"].discard(group)
-        self.gone[group] = "/Groups/"
-        return group
+        return self._delete("/Groups/", group, self.model_groups)
 
     @rule(resource_id=deleted, method=st.sampled_from(["GET", "PATCH", "PUT", "DELETE"]),
           name=st.sampled_from(USER_NAMES + GROUP_NAMES))
