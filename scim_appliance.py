@@ -11,7 +11,7 @@ One module, read top to bottom, lower layers first:
     6. Filter language    RFC 7644 §3.4.2.2: parse_filter, filter_to_sql, filter_matches
     7. PATCH engine       RFC 7644 §3.5.2 plus Entra's forms: parse_path, apply_patch (pure)
     8. Operations         create/replace/patch/delete/query: the only place a transaction opens
-    9. SCIM HTTP          make_scim_app: thin bottle handlers, one error exit
+    9. SCIM HTTP          make_scim_app: a small WSGI router, thin handlers, one error exit
    10. Server and CLI     serve(), main(argv)
 
 Specifications: RFC 7643 (schema), RFC 7644 (protocol), and Microsoft's
@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import hashlib
 import hmac
+import http.client
 import json
 import math
 import os
@@ -42,7 +43,6 @@ import unicodedata
 import urllib.parse
 import uuid
 
-import bottle
 
 __version__ = "0.1.0"
 
@@ -94,7 +94,16 @@ class Settings:
     host: str = "127.0.0.1"                # SCIM listener address
     port: int = 8080                       # SCIM listener port
     public_url: str = ""                   # e.g. https://scim.example.com; "" = http://host:port
-    threads: int = 8                       # waitress worker threads
+    # One worker thread. Waitress's main thread reads every request whole
+    # and sends every response from a buffer, so a worker never waits on the
+    # network; SQLite has one writer and the GIL runs one thread's Python at
+    # a time, so more workers add no parallelism. They add hand-offs: CPython's
+    # sqlite3 lets go of the GIL around every sqlite3_step, even a 2 us one,
+    # and with other threads waiting each one costs context switches (a
+    # lookup: 6 switches and 0.47 ms CPU with 1 thread, 23 and 0.61 ms with 8,
+    # measured with wrk here). More threads only help where requests wait on
+    # a slow disk's fsync; `--threads` is there for that.
+    threads: int = 1                       # waitress worker threads
     max_body_bytes: int = MAX_BODY_BYTES   # larger request bodies get 413
     durability: str = "full"               # full: fsync every commit; normal: may lose the last
     #                                        commits on power loss (never on a process crash)
@@ -279,6 +288,9 @@ class Store:
         # free; SQLite's own busy handler (for other processes) polls with
         # sleeps of up to 100 ms, which made queued writes take up to a second.
         self._write_lock = threading.Lock()
+        # Moves on after every commit in this process that changed the
+        # tokens table, so TokenCheck sees it on the next request.
+        self.token_generation = 0
         self._check_integrity()
         try:
             self._enable_wal()
@@ -377,12 +389,15 @@ class Store:
         conn = self._connection()
         with self._write_lock:
             conn.execute("BEGIN IMMEDIATE")
+            tx = Transaction(conn)
             try:
-                yield Transaction(conn)
+                yield tx
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+            if tx.tokens_changed:
+                self.token_generation += 1
 
     def migrate(self):
         """Carry the database forward to SCHEMA_VERSION, one transaction per step.
@@ -415,6 +430,7 @@ class Transaction:
 
     def __init__(self, conn):
         self.conn = conn
+        self.tokens_changed = False   # the set of live tokens changed (Store.write reads it)
 
     # -- users and groups ---------------------------------------------------
 
@@ -552,16 +568,13 @@ class Transaction:
                               (name, digest, created))
         except sqlite3.IntegrityError as exc:
             raise ValueError("a token named %r already exists" % name) from exc
+        self.tokens_changed = True
 
-    def change_counter(self):
-        """A value that changes whenever anything is committed: by another
-        connection (`PRAGMA data_version`) or by this one (`total_changes`).
-        A cheap "has anything changed since?"."""
-        return self.conn.execute("PRAGMA data_version").fetchone()[0], self.own_changes()
-
-    def own_changes(self):
-        """How many rows this connection has changed, ever (no call into SQLite's VM)."""
-        return self.conn.total_changes
+    def data_version(self):
+        """Changes whenever another connection (another thread, or another
+        process such as `token revoke`) has committed: a cheap "has anything
+        changed since?". This connection's own commits do not move it."""
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
 
     def live_tokens(self):
         """(name, digest) of every token that has not been revoked."""
@@ -573,8 +586,10 @@ class Transaction:
             "SELECT name, created, last_used, revoked FROM tokens ORDER BY created").fetchall()
 
     def revoke_token(self, name, now):
-        return self.conn.execute("UPDATE tokens SET revoked = ? WHERE name = ? AND revoked IS NULL",
-                                 (now, name)).rowcount
+        revoked = self.conn.execute("UPDATE tokens SET revoked = ? WHERE name = ? AND revoked IS NULL",
+                                    (now, name)).rowcount
+        self.tokens_changed = self.tokens_changed or revoked > 0
+        return revoked
 
     def touch_token(self, digest, now):
         self.conn.execute("UPDATE tokens SET last_used = ? WHERE digest = ?", (now, digest))
@@ -2619,12 +2634,13 @@ class TokenCheck:
     """Authenticates bearer tokens, recording each token's last use at most
     once a minute so that reads do not become writes.
 
-    Each thread keeps the live tokens it last read. It reads them again when
-    its own connection has committed anything, and — asking SQLite whether
-    another connection has committed (`token create`/`revoke` run in another
-    process) — at most every TOKEN_RECHECK_SECONDS. So a revocation takes
-    effect within a tenth of a second, and most requests make no call into
-    SQLite for their token at all (each such call costs a GIL hand-off).
+    Each thread keeps the live tokens it last read. It reads them again at
+    once when a commit in this process changed them (Store.token_generation),
+    and — asking SQLite whether another connection has committed (`token
+    create`/`revoke` run in another process) — at most every
+    TOKEN_RECHECK_SECONDS. So a revocation takes effect within a tenth of a
+    second, and most requests make no call into SQLite for their token at
+    all (each such call costs a GIL hand-off).
     """
 
     def __init__(self, store, clock=time.monotonic):
@@ -2636,17 +2652,17 @@ class TokenCheck:
 
     def __call__(self, presented):
         """The token's name, or None if `presented` is not a live token."""
-        tx = self.store.read_once()
         cache = self._cache
         now = self.clock()
-        own_changes = tx.own_changes()
-        if getattr(cache, "checked", None) is None or now - cache.checked >= TOKEN_RECHECK_SECONDS \
-                or cache.own_changes != own_changes:
-            version = tx.change_counter()
-            if getattr(cache, "version", None) != version:
+        generation = self.store.token_generation
+        stale = getattr(cache, "generation", None) != generation
+        if stale or now - cache.checked >= TOKEN_RECHECK_SECONDS:
+            tx = self.store.read_once()
+            version = tx.data_version()
+            if stale or version != cache.version:
                 cache.tokens = tx.live_tokens()
                 cache.version = version
-            cache.checked, cache.own_changes = now, own_changes
+            cache.checked, cache.generation = now, generation
         found = match_token(presented, cache.tokens)
         if found is None:
             return None
@@ -2666,14 +2682,30 @@ class TokenCheck:
 # 9. SCIM HTTP
 # ============================================================================
 #
-# Handlers are a few lines: read the request, call section 8, respond. Every
-# failure leaves through `error_response`. Bottle is used for routing only:
-# its JSON body reader ignores application/scim+json and its error pages are
-# HTML (design.md §3), so bodies, query strings and errors are ours.
+# A WSGI application of our own: the SCIM URL space is a dozen paths, and
+# routing them with a dictionary costs a few microseconds where bottle's
+# router, request and response objects cost about 40 per request (a third
+# of a whole lookup). Handlers are a few lines: read the request, call
+# section 8, return a Response. Every failure leaves through
+# `error_response`, as a SCIM Error (RFC 7644 §3.12), never as HTML.
 
 _RESOURCE_SEGMENTS = {name.lower(): name for name in (
     "Users", "Groups", "ServiceProviderConfig", "Schemas", "ResourceTypes", "Me", "Bulk", ".search")}
 _RESOURCE_SEGMENTS["serviceproviderconfigs"] = "ServiceProviderConfig"
+
+STATUS_LINES = {code: "%d %s" % (code, phrase) for code, phrase in http.client.responses.items()}
+
+# RFC 9110 §8.6 and §15.4.5: 204 and 304 carry no content, so no
+# Content-Length or Content-Type either.
+_NO_CONTENT = (204, 304)
+
+
+class Response(typing.NamedTuple):
+    """A handler's answer: the body is bytes, or an iterable of bytes with a
+    close() that the server calls when it is done with it (PEP 3333, WSGI)."""
+    status: int
+    headers: list
+    body: object = b""
 
 
 def json_bytes(value):
@@ -2681,12 +2713,10 @@ def json_bytes(value):
 
 
 def scim_response(status, body=None, headers=None):
-    response = bottle.HTTPResponse(status=status, body=b"" if body is None else json_bytes(body))
-    if body is not None:
-        response.set_header("Content-Type", SCIM_MEDIA_TYPE)
-    for name, value in (headers or {}).items():
-        response.set_header(name, value)
-    return response
+    headers = list((headers or {}).items())
+    if body is None:
+        return Response(status, headers)
+    return Response(status, [("Content-Type", SCIM_MEDIA_TYPE)] + headers, json_bytes(body))
 
 
 def error_response(error):
@@ -2696,6 +2726,11 @@ def error_response(error):
     if getattr(error, "retry_after", None):
         headers["Retry-After"] = str(error.retry_after)
     return scim_response(error.status, error.to_json(), headers)
+
+
+def request_header(environ, name):
+    """A request header as the server passed it (latin-1 text), or None."""
+    return environ.get("HTTP_" + name.upper().replace("-", "_"))
 
 
 class AuthThrottle:
@@ -2933,43 +2968,28 @@ def _list_of(resources):
 
 def make_scim_app(store, settings):
     """The SCIM service as a WSGI application, mounted at /scim."""
-    app = bottle.Bottle()
-    app.config["catchall"] = False   # our handlers catch everything themselves
     base_url = settings.base_url
     check_token = TokenCheck(store)
     throttle = AuthThrottle()
     config, resource_types, schemas = discovery_documents(base_url)
+    routes = {}   # path pattern (segments after /scim; "*" is one segment, "**" the rest) -> {method: route}
 
-    def scim_route(path, method, authenticated=True):
-        """Register a handler; it runs only with a valid bearer token, and
-        whatever it raises becomes a SCIM error response."""
+    def scim_route(pattern, methods, authenticated=True):
+        """Register a handler(environ, *wildcards) for `methods` on `pattern`;
+        with `authenticated` it runs only with a valid bearer token."""
         def decorate(handler):
-            def run(**kwargs):
-                try:
-                    if authenticated:
-                        authenticate()
-                    return handler(**kwargs)
-                except ScimError as error:
-                    return error_response(error)
-                except Exception:   # a bug: log it, tell the client nothing about it
-                    traceback.print_exc(file=sys.stderr)
-                    return error_response(ScimError(500, None, "internal server error"))
-            app.route("/scim" + path, method, run)
+            for method in methods.split():
+                routes.setdefault(tuple(pattern.split("/")[1:]), {})[method] = (handler, authenticated)
             return handler
         return decorate
 
-    def raw_header(name):
-        # From environ as the server passed it (latin-1): bottle's own
-        # get_header decodes UTF-8 and raises on any other byte.
-        return bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"))
-
-    def authenticate():
-        scheme, _, token = (raw_header("Authorization") or "").partition(" ")
+    def authenticate(environ):
+        scheme, _, token = (request_header(environ, "Authorization") or "").partition(" ")
         if scheme.lower() == "bearer" and token.strip() and check_token(token.strip()) is not None:
             return
         # Only the header authenticates: a token in the query string (RFC
         # 6750 §2.3) would end up in proxy logs, so it is never looked at.
-        address = bottle.request.environ.get("REMOTE_ADDR", "")
+        address = environ.get("REMOTE_ADDR", "")
         wait = throttle.retry_after(address)
         if wait:
             error = ScimError(429, None, "too many failed authentications from this address; "
@@ -2985,14 +3005,11 @@ def make_scim_app(store, settings):
             raise ScimError(401, None, "send Authorization: Bearer <token>")
         raise ScimError(401, None, "the bearer token is not valid")
 
-    def body():
-        return read_request_body(bottle.request.environ, settings.max_body_bytes)
+    def body(environ):
+        return read_request_body(environ, settings.max_body_bytes)
 
-    def query():
-        return read_query(bottle.request.environ)
-
-    def if_match():
-        return entity_tags(raw_header("If-Match"))
+    def if_match(environ):
+        return entity_tags(request_header(environ, "If-Match"))
 
     def resource_response(status, resource, extra=None):
         headers = dict(extra or {})
@@ -3008,23 +3025,23 @@ def make_scim_app(store, settings):
     # -- discovery (RFC 7644 §4; no authentication) --
 
     @scim_route("/ServiceProviderConfig", "GET", authenticated=False)
-    def service_provider_config():
+    def service_provider_config(environ):
         return scim_response(200, config)
 
     @scim_route("/ResourceTypes", "GET", authenticated=False)
-    def list_resource_types():
+    def list_resource_types(environ):
         return scim_response(200, _list_of(resource_types))
 
-    @scim_route("/ResourceTypes/<name>", "GET", authenticated=False)
-    def get_resource_type(name):
+    @scim_route("/ResourceTypes/*", "GET", authenticated=False)
+    def get_resource_type(environ, name):
         return scim_response(200, _by_id(resource_types, name, "resource type"))
 
     @scim_route("/Schemas", "GET", authenticated=False)
-    def list_schemas():
+    def list_schemas(environ):
         return scim_response(200, _list_of(schemas))
 
-    @scim_route("/Schemas/<urn>", "GET", authenticated=False)
-    def get_schema(urn):
+    @scim_route("/Schemas/*", "GET", authenticated=False)
+    def get_schema(environ, urn):
         return scim_response(200, _by_id(schemas, urn, "schema"))
 
     # -- users and groups (RFC 7644 §3.3-3.6) --
@@ -3033,27 +3050,27 @@ def make_scim_app(store, settings):
         endpoint = resource_type.endpoint
 
         @scim_route(endpoint, "POST")
-        def create(resource_type=resource_type):
+        def create(environ, resource_type=resource_type):
             # RFC 7644 §3.9: attributes/excludedAttributes apply to "any
             # operation that returns a resource".
-            resource = create_resource(store, resource_type, body(), base_url,
-                                       projection_of(resource_type, query()))
+            resource = create_resource(store, resource_type, body(environ), base_url,
+                                       projection_of(resource_type, read_query(environ)))
             location = resource_location(base_url, resource_type, resource["id"])
             return resource_response(201, resource, {"Location": location})
 
         @scim_route(endpoint, "GET")
-        def search_by_get(resource_type=resource_type):
-            return scim_response(200, list_resources(store, [resource_type], make_list_query(query()),
-                                                     base_url))
+        def search_by_get(environ, resource_type=resource_type):
+            query = make_list_query(read_query(environ))
+            return scim_response(200, list_resources(store, [resource_type], query, base_url))
 
         @scim_route(endpoint + "/.search", "POST")
-        def search_by_post(resource_type=resource_type):
-            return scim_response(200, list_resources(store, [resource_type], _search_request(body()),
-                                                     base_url))
+        def search_by_post(environ, resource_type=resource_type):
+            query = _search_request(body(environ))
+            return scim_response(200, list_resources(store, [resource_type], query, base_url))
 
-        @scim_route(endpoint + "/<resource_id>", "GET")
-        def read(resource_id, resource_type=resource_type):
-            projection = projection_of(resource_type, query())
+        @scim_route(endpoint + "/*", "GET")
+        def read(environ, resource_id, resource_type=resource_type):
+            projection = projection_of(resource_type, read_query(environ))
             streamed = None
             if resource_type is GROUP and projection.wants("members"):
                 streamed = GroupWithMembers(store, resource_id, base_url, projection)
@@ -3061,91 +3078,128 @@ def make_scim_app(store, settings):
             else:
                 resource = get_resource(store, resource_type, resource_id, base_url, projection)
             etag = resource.get("meta", {}).get("version")
-            none_match = entity_tags(raw_header("If-None-Match"))
+            none_match = entity_tags(request_header(environ, "If-None-Match"))
             if etag and none_match is not None and ("*" in none_match or etag[2:] in none_match):
                 if streamed is not None:
                     streamed.close()
                 return scim_response(304, None, {"ETag": etag})
             if streamed is None:
                 return resource_response(200, resource)
-            # The object itself, not a generator: bottle and waitress call its
-            # close() even when the body is never read (HEAD, a dropped client).
-            response = bottle.HTTPResponse(status=200, body=streamed)
-            response.set_header("Content-Type", SCIM_MEDIA_TYPE)
-            if etag:
-                response.set_header("ETag", etag)
-            return response
+            headers = [("Content-Type", SCIM_MEDIA_TYPE)] + ([("ETag", etag)] if etag else [])
+            return Response(200, headers, streamed)
 
-        @scim_route(endpoint + "/<resource_id>", "PUT")
-        def replace(resource_id, resource_type=resource_type):
-            return resource_response(200, replace_resource(store, resource_type, resource_id, body(),
-                                                           base_url, if_match(),
-                                                           projection_of(resource_type, query())))
+        @scim_route(endpoint + "/*", "PUT")
+        def replace(environ, resource_id, resource_type=resource_type):
+            return resource_response(200, replace_resource(
+                store, resource_type, resource_id, body(environ), base_url, if_match(environ),
+                projection_of(resource_type, read_query(environ))))
 
-        @scim_route(endpoint + "/<resource_id>", "PATCH")
-        def patch(resource_id, resource_type=resource_type):
-            params = query()
+        @scim_route(endpoint + "/*", "PATCH")
+        def patch(environ, resource_id, resource_type=resource_type):
+            params = read_query(environ)
             # Users answer 200 with the resource, as the SCIM Validator
             # expects (R16); a group answers 204 unless attributes were asked
             # for, so it never reads its members (R37, "Returning a body with
             # a list of all the members isn't advisable").
             wants_body = resource_type is USER or "attributes" in params or "excludedattributes" in params
-            resource = patch_resource(store, resource_type, resource_id, body(), base_url, if_match(),
+            resource = patch_resource(store, resource_type, resource_id, body(environ), base_url,
+                                      if_match(environ),
                                       projection_of(resource_type, params) if wants_body else None)
             if resource is None:
                 return scim_response(204)
             return resource_response(200, resource)
 
-        @scim_route(endpoint + "/<resource_id>", "DELETE")
-        def delete(resource_id, resource_type=resource_type):
-            delete_resource(store, resource_type, resource_id, if_match())
+        @scim_route(endpoint + "/*", "DELETE")
+        def delete(environ, resource_id, resource_type=resource_type):
+            delete_resource(store, resource_type, resource_id, if_match(environ))
             return scim_response(204)
 
     @scim_route("/.search", "POST")
-    def search_everything():
+    def search_everything(environ):
         return scim_response(200, list_resources(store, list(RESOURCE_TYPES.values()),
-                                                 _search_request(body()), base_url))
+                                                 _search_request(body(environ)), base_url))
 
     @scim_route("", "GET")
-    def query_everything():
+    def query_everything(environ):
         return scim_response(200, list_resources(store, list(RESOURCE_TYPES.values()),
-                                                 make_list_query(query()), base_url))
+                                                 make_list_query(read_query(environ)), base_url))
 
-    for unsupported in ("/Me", "/Me/<rest:path>", "/Bulk"):
-        @scim_route(unsupported, ["GET", "POST", "PUT", "PATCH", "DELETE"])
-        def not_implemented(**_):
+    for unsupported in ("/Me", "/Me/**", "/Bulk"):
+        @scim_route(unsupported, "GET POST PUT PATCH DELETE")
+        def not_implemented(environ, *_):
             raise ScimError(501, None, "this endpoint is not implemented by scim-appliance")
 
-    def bottle_error(error):
-        # Bottle's own refusals (no route: 404, wrong method: 405) as SCIM errors.
-        bottle.response.content_type = SCIM_MEDIA_TYPE
-        detail = {404: "no such endpoint", 405: "method not allowed here"}.get(
-            error.status_code, "request failed")
-        return json_bytes(ScimError(error.status_code, None, detail).to_json())
-
-    app.default_error_handler = bottle_error
-
-    def scim_wsgi(environ, start_response):
-        """Normalise the path before bottle routes it: strict UTF-8, a
-        trailing slash dropped, endpoint names matched case-insensitively."""
+    def dispatch(environ):
+        """The Response to one request: route it, authenticate it, run it."""
         try:
             path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
         except UnicodeError:
-            return _wsgi_error(start_response, ScimError(400, "invalidSyntax", "the path is not valid UTF-8"))
-        # A Tenant URL entered with a trailing slash (Microsoft's own example,
-        # https://api.contoso.com/scim/) makes requests for /scim//Users.
-        segments = re.sub("/{2,}", "/", path).split("/")
-        if len(segments) > 2 and segments[1] == "scim":
-            segments[2] = _RESOURCE_SEGMENTS.get(segments[2].lower(), segments[2])
-            if len(segments) > 3 and segments[3].lower() == ".search":
-                segments[3] = ".search"
-        path = "/".join(segments)
-        if len(path) > 1 and path.endswith("/"):
-            path = path[:-1]
-        environ["PATH_INFO"] = path.encode("utf-8").decode("latin-1")
-        return app(environ, start_response)
+            return error_response(ScimError(400, "invalidSyntax", "the path is not valid UTF-8"))
+        methods, wildcards = _match_route(routes, _scim_segments(path))
+        if methods is None:
+            return error_response(ScimError(404, None, "no such endpoint"))
+        method = environ.get("REQUEST_METHOD", "GET")
+        route = methods.get("GET" if method == "HEAD" else method)
+        if route is None:
+            allowed = sorted(methods) + (["HEAD"] if "GET" in methods else [])
+            response = error_response(ScimError(405, None, "method not allowed here"))
+            return response._replace(headers=response.headers + [("Allow", ", ".join(allowed))])
+        handler, authenticated = route
+        try:
+            if authenticated:
+                authenticate(environ)
+            return handler(environ, *wildcards)
+        except ScimError as error:
+            return error_response(error)
+        except Exception:   # a bug: log it, tell the client nothing about it
+            traceback.print_exc(file=sys.stderr)
+            return error_response(ScimError(500, None, "internal server error"))
+
+    def scim_wsgi(environ, start_response):
+        status, headers, content = dispatch(environ)
+        bodiless = environ.get("REQUEST_METHOD") == "HEAD" or status in _NO_CONTENT
+        if isinstance(content, bytes):
+            if status not in _NO_CONTENT:
+                headers.append(("Content-Length", str(len(content))))
+            content = [] if bodiless else [content]
+        elif bodiless:
+            content.close()
+            content = []
+        start_response(STATUS_LINES[status], headers)
+        return content
 
     return scim_wsgi
+
+
+def _scim_segments(path):
+    """The path's segments after /scim (None for a path outside /scim),
+    normalised: empty segments dropped — a Tenant URL entered with a
+    trailing slash (Microsoft's own example, https://api.contoso.com/scim/)
+    makes requests for /scim//Users — and endpoint names matched
+    case-insensitively."""
+    segments = [segment for segment in path.split("/") if segment]
+    if not segments or segments[0] != "scim":
+        return None
+    segments = segments[1:]
+    if segments:
+        segments[0] = _RESOURCE_SEGMENTS.get(segments[0].lower(), segments[0])
+        if len(segments) > 1 and segments[1].lower() == ".search":
+            segments[1] = ".search"
+    return tuple(segments)
+
+
+def _match_route(routes, segments):
+    """({method: route}, wildcard values) of the pattern `segments` match, or (None, ())."""
+    if segments is None:
+        return None, ()
+    methods = routes.get(segments)
+    if methods is not None:
+        return methods, ()
+    if len(segments) == 2 and (segments[0], "*") in routes:
+        return routes[(segments[0], "*")], (segments[1],)
+    if len(segments) >= 2 and (segments[0], "**") in routes:
+        return routes[(segments[0], "**")], ("/".join(segments[1:]),)
+    return None, ()
 
 
 def _search_request(body):
@@ -3153,14 +3207,6 @@ def _search_request(body):
     if not isinstance(body, dict):
         raise ScimError(400, "invalidSyntax", "a SearchRequest must be a JSON object")
     return make_list_query({key.lower(): value for key, value in body.items()})
-
-
-def _wsgi_error(start_response, error):
-    """A SCIM error answered before bottle sees the request."""
-    payload = json_bytes(error.to_json())
-    start_response("%d %s" % (error.status, bottle.HTTP_CODES[error.status]),
-                   [("Content-Type", SCIM_MEDIA_TYPE), ("Content-Length", str(len(payload)))])
-    return [payload]
 
 
 # ============================================================================

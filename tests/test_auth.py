@@ -590,22 +590,25 @@ def test_first_and_limit_th_failure_are_logged_without_the_presented_secret(wsgi
     assert token not in "\n".join(lines) and token[len("scimapp_"):] not in "\n".join(lines)
 
 
-def test_token_check_reads_tokens_again_only_after_a_commit(store, token, monkeypatch):
+def test_token_check_reads_tokens_again_only_after_a_token_change(store, token, monkeypatch):
     """TokenCheck keeps the live tokens per thread. It reads them again at
-    once after its own connection commits, and sees another process's
-    commit (a `token revoke`) within TOKEN_RECHECK_SECONDS."""
+    once after a commit in this process that changed them, sees another
+    process's commit (a `token revoke`) within TOKEN_RECHECK_SECONDS, and
+    never re-reads for commits that left the tokens alone (SCIM writes)."""
     reads = []
     original = scim_appliance.Transaction.live_tokens
     monkeypatch.setattr(scim_appliance.Transaction, "live_tokens",
                         lambda tx: reads.append(1) or original(tx))
     now = [1000.0]
     check = scim_appliance.TokenCheck(store, clock=lambda: now[0])
-    assert check(token) == "entra"       # reads, then commits last_used: its own change
-    assert check(token) == "entra"       # so this reads again
+    assert check(token) == "entra" and len(reads) == 1   # reads, then commits last_used
+    scim_appliance.create_resource(store, scim_appliance.USER,
+                                   {"schemas": [URN_USER], "userName": "w@example.com"}, "http://x/scim")
+    assert check(token) == "entra" and check("wrong") is None and check(token) == "entra"
+    assert len(reads) == 1               # last_used and a user written on this connection: no query
     reads.clear()
     now[0] += 5 * scim_appliance.TOKEN_RECHECK_SECONDS
-    assert check(token) == "entra" and check("wrong") is None and check(token) == "entra"
-    assert reads == []                   # nothing committed since: no query
+    assert check(token) == "entra" and reads == []   # nothing committed by anyone else: no query
     other = scim_appliance.Store(store.path)      # another connection, as `token revoke` would be
     try:
         scim_appliance.revoke_token(other, "entra")
@@ -614,5 +617,8 @@ def test_token_check_reads_tokens_again_only_after_a_commit(store, token, monkey
     assert check(token) == "entra" and reads == []      # not looked at within the recheck interval
     now[0] += scim_appliance.TOKEN_RECHECK_SECONDS
     assert check(token) is None and len(reads) == 1      # then seen
-    second = scim_appliance.create_token(store, "second")   # a commit on this very connection
+    second = scim_appliance.create_token(store, "second")   # a commit in this process
     assert check(second) == "second" and len(reads) == 2     # seen at once
+    with store.write() as tx:                                # a revocation in this process
+        tx.revoke_token("second", scim_appliance.utc_now())
+    assert check(second) is None and len(reads) == 3         # seen at once too

@@ -2,7 +2,7 @@
 """Benchmark of scim-appliance under Entra ID's provisioning workload (issue 4).
 
     python tests/perf/bench.py [--users N] [--group-size G] [--threads T]
-                               [--duration S] [--quick] [--no-wrk] [--keep DIR]
+                               [--connections C] [--duration S] [--quick] [--no-wrk] [--keep DIR]
 
 Starts the appliance as a real server (`scim_appliance.py serve`, same Python
 interpreter) on a fresh database in a temporary directory, and a *reference
@@ -22,7 +22,7 @@ ceiling for a Python web stack. Then, in order:
   7. disk         database size per user after a clean stop.
 
 The load client is `wrk` when it is on PATH (a Python client costs as much CPU
-as the server on a small machine), else a Python client of T threads with
+as the server on a small machine), else a Python client of C threads with
 persistent connections (`--no-wrk` forces it). Only loopback is targeted, and
 every loop is bounded by a count and a deadline.
 
@@ -623,21 +623,23 @@ class Bench:
     def load(self, name, port, token, seconds, items, request_lua, make_request, expect_status,
              check=None, body=False):
         """One throughput phase with whichever client this run uses."""
-        threads = self.args.threads
+        connections = self.args.connections
         if self.wrk:
             items_file = os.path.join(self.work, name + ".txt")
             with open(items_file, "w") as f:
                 f.write("\n".join(items) + "\n")
-            return wrk_throughput(self.wrk, self.work, name, port, token, min(threads, os.cpu_count() or 1),
-                                  threads, seconds, items_file, request_lua, body)
-        return python_throughput(port, token, threads, seconds, make_request, expect_status, check)
+            return wrk_throughput(self.wrk, self.work, name, port, token,
+                                  min(connections, os.cpu_count() or 1), connections, seconds, items_file,
+                                  request_lua, body)
+        return python_throughput(port, token, connections, seconds, make_request, expect_status, check)
 
     # the run
 
     def run(self):
         args, f = self.args, self.figures
         f.update({"client": "wrk" if self.wrk else "python", "users": args.users,
-                  "group_size": args.group_size, "threads": args.threads, "quick": args.quick,
+                  "group_size": args.group_size, "threads": args.threads,
+                  "connections": args.connections, "quick": args.quick,
                   "duration_s": args.duration, "python": platform.python_version(),
                   "machine": "%s %s %s" % (platform.system(), platform.release(), platform.machine()),
                   "cpu_model": cpu_model(), "cpus": os.cpu_count()})
@@ -665,15 +667,15 @@ class Bench:
 
     def bulk_load(self):
         args, f = self.args, self.figures
-        n, threads = args.users, args.threads
+        n, connections = args.users, args.connections
         deadline_s = args.max_phase_seconds
         log("bulk load: POST %d users" % n)
         cpu = CpuMeter(self.appliance)
         if self.wrk:
             summary, created = wrk_bulk(self.wrk, self.work, self.appliance.port, self.token, n,
-                                        min(threads, n), deadline_s)
+                                        min(connections, n), deadline_s)
         else:
-            summary, created = python_bulk(self.appliance.port, self.token, n, min(threads, n),
+            summary, created = python_bulk(self.appliance.port, self.token, n, min(connections, n),
                                            time.monotonic() + deadline_s)
         requests = summary["requests"]
         f["bulk_cpu_ms_per_req"] = cpu.per_request(requests)
@@ -1006,8 +1008,10 @@ def report(figures):
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     figures["targets_missed"] = missed
-    header = ("scim-appliance benchmark: %d users, group of %d, %d threads, client %s; %s, %s CPUs (%s), Python %s"
+    header = ("scim-appliance benchmark: %d users, group of %d, %d server threads, client %s with %d "
+              "connections; %s, %s CPUs (%s), Python %s"
               % (figures["users"], figures["group_size"], figures["threads"], figures["client"],
+                 figures["connections"],
                  figures["machine"], figures["cpus"], figures.get("cpu_model"), figures["python"]))
     if figures.get("quick"):
         header += "\n(--quick: the targets are for the full run)"
@@ -1016,12 +1020,25 @@ def report(figures):
 
 # -- main ------------------------------------------------------------------------
 
+def appliance_default_threads():
+    """What `serve` uses without --threads, so both servers run as shipped."""
+    sys.path.insert(0, ROOT)
+    try:
+        import scim_appliance
+    finally:
+        sys.path.remove(ROOT)
+    return scim_appliance.Settings().threads
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, help="users to bulk-load (default 100000; --quick 5000)")
     parser.add_argument("--group-size", type=int, help="members of the big group (default 100000; --quick 5000)")
-    parser.add_argument("--threads", type=int, default=8, help="server threads, for both servers (default 8)")
+    parser.add_argument("--threads", type=int,
+                        help="server threads, for both servers (default: the appliance's default)")
+    parser.add_argument("--connections", type=int, default=16,
+                        help="concurrent client connections in the throughput phases (default 16)")
     parser.add_argument("--duration", type=float, help="seconds per throughput phase (default 10; --quick 2)")
     parser.add_argument("--quick", action="store_true", help="5000 users, 5000 members, 2 s phases")
     parser.add_argument("--no-wrk", action="store_true", help="use the Python client even if wrk is installed")
@@ -1039,7 +1056,9 @@ def parse_args(argv):
         args.duration = 2.0 if quick else 10.0
     if args.max_phase_seconds is None:
         args.max_phase_seconds = 40.0 if quick else 1800.0
-    for name in ("users", "group_size", "threads"):
+    if args.threads is None:
+        args.threads = appliance_default_threads()
+    for name in ("users", "group_size", "threads", "connections"):
         if getattr(args, name) < 1:
             parser.error("--%s must be at least 1" % name.replace("_", "-"))
     if args.duration <= 0 or args.max_phase_seconds <= 0:
