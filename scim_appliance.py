@@ -21,7 +21,6 @@ Specifications: RFC 7643 (schema), RFC 7644 (protocol), and Microsoft's
 import argparse
 import base64
 import contextlib
-import copy
 import dataclasses
 import datetime
 import hashlib
@@ -1990,7 +1989,7 @@ def apply_patch(resource_type, document, operations):
     ("add", [(id, type)]), ("remove", [ids]), ("remove_where", tree) and
     ("clear",) for the members table, in request order.
     """
-    document = copy.deepcopy(document)
+    document = _copy_json(document)
     member_changes = []
     for number, (op, path_text, value, has_value) in enumerate(operations, 1):
         try:
@@ -2029,6 +2028,15 @@ def apply_patch(resource_type, document, operations):
     if named > MAX_MEMBERS:
         raise ScimError(400, "tooMany", "at most %d members in one request" % MAX_MEMBERS)
     return document, member_changes
+
+
+def _copy_json(value):
+    """A deep copy of a JSON value (copy.deepcopy, with its memo, is 3x slower)."""
+    if isinstance(value, dict):
+        return {key: _copy_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(item) for item in value]
+    return value
 
 
 def _extension_urn(resource_type, document, text, value):
@@ -2801,9 +2809,17 @@ def _object_without_duplicates(pairs):
     return dict(pairs)
 
 
-def _check_json(value):
-    """Raise ScimError unless `value` nests at most MAX_JSON_DEPTH objects and
-    arrays and no string or key in it holds a lone surrogate."""
+def _check_json(value, text):
+    """Raise ScimError unless `value` (parsed from `text`) nests at most
+    MAX_JSON_DEPTH objects and arrays and no string or key in it holds a
+    lone surrogate.
+
+    Most bodies are cleared from the text alone: nesting cannot be deeper
+    than the number of brackets, and a surrogate can only come from a \\u
+    escape (the text itself is strict UTF-8).
+    """
+    if text.count("{") + text.count("[") <= MAX_JSON_DEPTH and "\\u" not in text:
+        return
     stack = [(value, 1)]
     while stack:
         item, level = stack.pop()
@@ -2844,7 +2860,7 @@ def parse_json_body(raw):
         raise ScimError(400, "invalidSyntax", "the request body is nested too deeply") from None
     except ValueError as exc:
         raise ScimError(400, "invalidSyntax", "the request body is not valid JSON: %s" % exc) from None
-    _check_json(value)
+    _check_json(value, text)
     return value
 
 
