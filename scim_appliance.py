@@ -2703,6 +2703,9 @@ _RESOURCE_SEGMENTS["serviceproviderconfigs"] = "ServiceProviderConfig"
 
 STATUS_LINES = {code: "%d %s" % (code, phrase) for code, phrase in http.client.responses.items()}
 
+# RFC 9110 §9 and RFC 5789 (PATCH): the methods this server recognises.
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
+
 # RFC 9110 §8.6 and §15.4.5: 204 and 304 carry no content, so no
 # Content-Length or Content-Type either.
 _NO_CONTENT = (204, 304)
@@ -3151,10 +3154,15 @@ def make_scim_app(store, settings):
             path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
         except UnicodeError:
             return error_response(ScimError(400, "invalidSyntax", "the path is not valid UTF-8"))
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in HTTP_METHODS:
+            # RFC 9110 §9.1: "An origin server that receives a request method
+            # that is unrecognized or not implemented SHOULD respond with the
+            # 501 (Not Implemented) status code."
+            return error_response(ScimError(501, None, "the method %s is not implemented" % method))
         methods, wildcards = _match_route(routes, _scim_segments(path))
         if methods is None:
             return error_response(ScimError(404, None, "no such endpoint"))
-        method = environ.get("REQUEST_METHOD", "GET")
         route = methods.get("GET" if method == "HEAD" else method)
         if route is None:
             allowed = sorted(methods) + (["HEAD"] if "GET" in methods else [])

@@ -145,6 +145,12 @@ def stored_document(db, table, resource_id):
     return None if row is None else json.loads(row["document"])
 
 
+def snapshot(db, tables=("users", "groups", "members")):
+    """Every row of `tables`, to prove a request changed nothing."""
+    return {table: [tuple(row) for row in db.execute("SELECT * FROM %s ORDER BY 1, 2" % table)]
+            for table in tables}
+
+
 def stored_members(db, group_id):
     """The set of member ids stored for a group."""
     return {r[0] for r in db.execute("SELECT member_id FROM members WHERE group_id = ?", (group_id,))}

@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 import scim_appliance
-from conftest import assert_scim_error, PUBLIC_URL, stored_document, stored_members
+from conftest import assert_scim_error, PUBLIC_URL, snapshot, stored_document, stored_members
 from scim_appliance import URN_ENTERPRISE, URN_GROUP, URN_LIST, URN_USER
 
 SCIM_CT = "application/scim+json"
@@ -356,16 +356,6 @@ def group_row(db, group_id):
 
 def count(db, table):
     return db.execute("SELECT count(*) FROM %s" % table).fetchone()[0]
-
-
-def snapshot(db):
-    """Everything stored about users, groups and members, to prove nothing changed."""
-    return (db.execute("SELECT id, document, version FROM users ORDER BY id").fetchall(),
-            db.execute("SELECT id, document, version FROM groups ORDER BY id").fetchall(),
-            db.execute("SELECT group_id, member_id FROM members ORDER BY 1, 2").fetchall())
-
-
-
 
 
 def assert_list(body, total, ids=None):

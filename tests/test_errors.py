@@ -12,7 +12,8 @@ import webob
 import webtest
 
 import scim_appliance
-from conftest import assert_scim_error, media_type, PUBLIC_URL, ScimClient, stored_document, stored_members
+from conftest import (assert_scim_error, media_type, PUBLIC_URL, ScimClient, snapshot, stored_document,
+                      stored_members)
 from scim_appliance import URN_ENTERPRISE, URN_ERROR, URN_GROUP, URN_LIST, URN_PATCH, URN_USER
 
 CUSTOM_URN = "urn:ietf:params:scim:schemas:extension:CustomExtension:2.0:User"
@@ -21,15 +22,6 @@ CUSTOM_URN = "urn:ietf:params:scim:schemas:extension:CustomExtension:2.0:User"
 # -- helpers -------------------------------------------------------------------
 
 
-
-
-def snapshot(db):
-    """Every row of every resource table: document, version, timestamps, members."""
-    return {
-        "users": [tuple(r) for r in db.execute("SELECT * FROM users ORDER BY id")],
-        "groups": [tuple(r) for r in db.execute("SELECT * FROM groups ORDER BY id")],
-        "members": [tuple(r) for r in db.execute("SELECT * FROM members ORDER BY group_id, member_id")],
-    }
 
 
 def user_count(db):

@@ -11,7 +11,7 @@ import pytest
 import scim_appliance
 from scim_appliance import (GROUP, MAX_FILTER_DEPTH, MAX_FILTER_LENGTH, MAX_FILTER_TERMS, USER,
                             ScimError, filter_matches, filter_to_sql, parse_filter)
-from conftest import assert_scim_error, stored_document, stored_members
+from conftest import assert_scim_error, snapshot, stored_document, stored_members
 
 URN_ENT = scim_appliance.URN_ENTERPRISE
 URN_SEARCH = scim_appliance.URN_SEARCH
@@ -44,12 +44,6 @@ def found(client, filter_text, path="/Users", **params):
 
 def ids(*resources):
     return {resource["id"] for resource in resources}
-
-
-def snapshot(db):
-    """Every row of users, groups and members, to prove a request changed nothing."""
-    return {table: [tuple(row) for row in db.execute("SELECT * FROM %s ORDER BY 1, 2" % table)]
-            for table in ("users", "groups", "members")}
 
 
 def assert_invalid_filter_response(response):

@@ -262,7 +262,7 @@ def test_absurdly_long_url_gets_4xx_and_the_server_keeps_serving(server, target)
 @pytest.mark.parametrize("method, version, expected", [
     (b"G@T", b"HTTP/1.1", {400}),      # not a token (RFC 9110 §9.1)
     (b"get", b"HTTP/1.1", {400}),      # methods are case-sensitive
-    (b"FOO", b"HTTP/1.1", {405}),      # a well-formed unknown method: the route refuses it
+    (b"FOO", b"HTTP/1.1", {501}),      # a well-formed unknown method: not implemented (RFC 9110 §9.1)
     (b"GET", b"HTTP/1.10", {400}),     # not DIGIT "." DIGIT (RFC 9112 §2.3)
     (b"GET", b"FTP/1.1", {400}),
 ], ids=["G@T", "lowercase", "FOO", "HTTP-1.10", "FTP"])

@@ -12,22 +12,13 @@ import pytest
 import webtest
 
 import scim_appliance
-from conftest import ROOT, ScimClient, assert_scim_error, stored_document, stored_members
+from conftest import assert_scim_error, ROOT, ScimClient, snapshot, stored_document, stored_members
 from scim_appliance import GROUP, USER, URN_GROUP, URN_PATCH, URN_SEARCH, URN_USER, ScimError
 
 SMALL_MEMBERS = 5   # MAX_MEMBERS for the HTTP tests, so that they need few users
 
 
 # -- helpers --------------------------------------------------------------------
-
-def snapshot(db):
-    """Every row of every resource table: documents, versions, timestamps, members."""
-    return {
-        "users": [tuple(r) for r in db.execute("SELECT * FROM users ORDER BY id")],
-        "groups": [tuple(r) for r in db.execute("SELECT * FROM groups ORDER BY id")],
-        "members": [tuple(r) for r in db.execute("SELECT * FROM members ORDER BY group_id, member_id")],
-    }
-
 
 def count(db, table):
     return db.execute("SELECT count(*) FROM %s" % table).fetchone()[0]

@@ -14,6 +14,9 @@ ceiling for a Python web stack. Then, in order:
   2. lookup       GET /Users?filter=userName eq "..." of random existing users,
                   in changed case (req/s, p50/p99, ratio to the reference app);
   3. update       PATCH Replace of name.familyName and active ("True"/"False");
+                  lookup and update each alternate with the reference app in
+                  ROUNDS rounds, so that both sides of a ratio see the same
+                  machine (a shared VM drifts by tens of percent in a minute);
   4. groups       one group grown to G members by PATCH Add of 100 members at a
                   time (one connection); single-member removal; group reads with
                   and without members; Entra's displayName query;
@@ -66,6 +69,7 @@ URN_PATCH = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 URN_LIST = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
 SCIM_JSON = "application/scim+json; charset=utf-8"   # what Entra sends
 
+ROUNDS = 4                   # a throughput phase alternates this many times with the reference app
 BATCH = 100                  # members per group PATCH Add, as Entra's initial cycle
 REMOVALS = 20                # single-member removals timed at full size
 GROUP_READS = 50             # timed group reads of each kind
@@ -590,6 +594,7 @@ class Bench:
         self.peak_rss = []
         self.token = None
         self.appliance = None
+        self.reference_server = None
 
     # processes
 
@@ -657,9 +662,11 @@ class Bench:
         self.appliance = self.start_appliance()
         self.appliance.wait_ready("/scim/Users?count=1", self.token)
         users = self.bulk_load()
-        self.reference(users)
+        self.reference_server = self.start_reference()
         self.lookup(users)
         self.update(users)
+        self.reference_server.stop()
+        self.reference_figures()
         self.groups(users)
         self.restart()
         self.disk(len(users))
@@ -696,28 +703,51 @@ class Bench:
             raise BenchError("bulk load created no users")
         return created
 
-    def reference(self, users):
-        """The reference app, measured with the lookup phase's exact client and requests."""
-        args, f = self.args, self.figures
+    def start_reference(self):
+        """The reference app, kept running beside the appliance: each
+        throughput phase alternates between the two (see `paired`)."""
         port = free_port()
         server = Server("reference", [sys.executable, os.path.abspath(__file__), "--serve-reference",
-                                      str(port), "--threads", str(args.threads)],
+                                      str(port), "--threads", str(self.args.threads)],
                         port, os.path.join(self.data_dir, "reference.log"))
         self.servers.append(server)
         server.wait_ready("/scim/Users")
-        log("reference app: %ds" % args.duration)
-        cpu = CpuMeter(server)
-        summary = self.lookup_load("reference", server.port, users, check=None)
-        f["reference_cpu_ms_per_req"] = cpu.per_request(summary["requests"])
-        server.stop()
-        f["reference_rps"] = summary["rps"]
-        f["reference_p50_ms"], f["reference_p99_ms"] = summary["p50_ms"], summary["p99_ms"]
-        f["reference_errors"] = summary["errors"]
-        if not summary["rps"]:
-            raise BenchError("the reference app served nothing")
-        f["bulk_ratio"] = ratio(f["bulk_users_per_s"], f["reference_rps"])
+        return server
 
-    def lookup_load(self, name, port, users, check):
+    def paired(self, name, users, appliance_load):
+        """Measure the appliance phase `name` and the reference app in
+        alternating rounds, so that both see the same machine: a shared VM
+        drifts by tens of percent within a minute. Returns the ratio."""
+        f, rounds = self.figures, ROUNDS
+        seconds = max(1.0, self.args.duration / rounds)   # wrk counts whole seconds
+        log("%s: %d rounds of %.1fs, alternating with the reference app" % (name, rounds, seconds))
+        results = {"reference": [], name: []}
+        cpu = {"reference": 0.0, name: 0.0}
+        for _ in range(rounds):
+            for who, server, run in (("reference", self.reference_server,
+                                      lambda: self.lookup_load("reference", self.reference_server.port, users,
+                                                               None, seconds)),
+                                     (name, self.appliance, lambda: appliance_load(seconds))):
+                meter = CpuMeter(server)
+                summary = run()
+                used = meter.per_request(summary["requests"])
+                cpu[who] += (used or 0.0) * summary["requests"]
+                results[who].append(summary)
+            self.check_alive()
+        for who in (name, "reference"):
+            total = combine(results[who])
+            key = who if who != "reference" else "reference_" + name
+            f[key + "_rps"] = total["rps"]
+            f[key + "_p50_ms"], f[key + "_p99_ms"] = total["p50_ms"], total["p99_ms"]
+            f[key + "_requests"], f[key + "_errors"] = total["requests"], total["errors"]
+            f[key + "_cpu_ms_per_req"] = cpu[who] / total["requests"] if total["requests"] else None
+            if not total["rps"]:
+                raise BenchError("%s served nothing" % key)
+        f[name + "_ratio"] = ratio(f[name + "_rps"], f["reference_%s_rps" % name])
+        log("%s: %.0f req/s, reference app %.0f req/s: %.2f"
+            % (name, f[name + "_rps"], f["reference_%s_rps" % name], f[name + "_ratio"]))
+
+    def lookup_load(self, name, port, users, check, seconds):
         names = [user_name.swapcase() for _, user_name in users]
 
         def make(rng, seq):
@@ -725,7 +755,7 @@ class Bench:
                 'userName eq "%s"' % rng.choice(names), safe="@"), None
 
         lua = ('  return wrk.format("GET", "/scim/Users?filter=userName+eq+%22" .. item .. "%22")')
-        return self.load(name, port, self.token, self.args.duration, names, lua, make, 200, check)
+        return self.load(name, port, self.token, seconds, names, lua, make, 200, check)
 
     def lookup(self, users):
         # A few lookups first, to know the figures measure finding the user.
@@ -736,11 +766,8 @@ class Bench:
             if listing.get("totalResults") != 1:
                 raise BenchError("lookup of %s found %r" % (user_name.swapcase(), listing.get("totalResults")))
         conn.close()
-        log("lookup: %ds" % self.args.duration)
-        cpu = CpuMeter(self.appliance)
-        summary = self.lookup_load("lookup", self.appliance.port, users,
-                                   check=lambda body: b'"totalResults":1' in body)
-        self.throughput_figures("lookup", summary, cpu)
+        self.paired("lookup", users, lambda seconds: self.lookup_load(
+            "lookup", self.appliance.port, users, lambda body: b'"totalResults":1' in body, seconds))
 
     def update(self, users):
         ids = [resource_id for resource_id, _ in users]
@@ -754,22 +781,20 @@ class Bench:
                '  local body = %s .. seq .. %s .. active .. %s\n'
                '  return wrk.format("PATCH", "/scim/Users/" .. item, nil, body)'
                % (lua_string(head), lua_string(middle), lua_string(tail)))
-        log("update: %ds" % self.args.duration)
-        cpu = CpuMeter(self.appliance)
-        summary = self.load("update", self.appliance.port, self.token, self.args.duration, ids, lua, make,
-                            200, body=True)
-        self.throughput_figures("update", summary, cpu)
+        self.paired("update", users, lambda seconds: self.load(
+            "update", self.appliance.port, self.token, seconds, ids, lua, make, 200, body=True))
 
-    def throughput_figures(self, name, summary, cpu):
+    def reference_figures(self):
+        """The reference app over every round, and the bulk load against it
+        (the bulk load itself runs alone: it builds the database)."""
         f = self.figures
-        self.check_alive()
-        f[name + "_rps"] = summary["rps"]
-        f[name + "_ratio"] = ratio(summary["rps"], f["reference_rps"])
-        f[name + "_p50_ms"], f[name + "_p99_ms"] = summary["p50_ms"], summary["p99_ms"]
-        f[name + "_requests"], f[name + "_errors"] = summary["requests"], summary["errors"]
-        f[name + "_cpu_ms_per_req"] = cpu.per_request(summary["requests"])
-        log("%s: %.0f req/s (%.2f of the reference), %d errors"
-            % (name, summary["rps"] or 0, f[name + "_ratio"] or 0, summary["errors"]))
+        rounds = [f["reference_%s_requests" % name] / f["reference_%s_rps" % name] for name in ("lookup", "update")]
+        requests = f["reference_lookup_requests"] + f["reference_update_requests"]
+        f["reference_rps"] = requests / sum(rounds)
+        f["reference_cpu_ms_per_req"] = (
+            f["reference_lookup_cpu_ms_per_req"] * f["reference_lookup_requests"]
+            + f["reference_update_cpu_ms_per_req"] * f["reference_update_requests"]) / requests
+        f["bulk_ratio"] = ratio(f["bulk_users_per_s"], f["reference_rps"])
 
     def groups(self, users):
         args, f = self.args, self.figures
@@ -918,6 +943,19 @@ def members_patch(op, member_ids):
                             "value": [{"$ref": None, "value": m} for m in member_ids]}]}
 
 
+def combine(summaries):
+    """One summary for several rounds: requests over total time; p50 the
+    median of the rounds' p50s, p99 the worst round's (wrk reports each
+    round's percentiles, not its latencies)."""
+    requests = sum(s["requests"] for s in summaries)
+    seconds = sum(s["seconds"] for s in summaries)
+    p50s = sorted(s["p50_ms"] for s in summaries if s["p50_ms"] is not None)
+    p99s = [s["p99_ms"] for s in summaries if s["p99_ms"] is not None]
+    return {"requests": requests, "seconds": seconds, "errors": sum(s["errors"] for s in summaries),
+            "rps": requests / seconds if seconds > 0 else None,
+            "p50_ms": p50s[len(p50s) // 2] if p50s else None, "p99_ms": max(p99s) if p99s else None}
+
+
 def ratio(a, b):
     return a / b if a is not None and b else None
 
@@ -950,8 +988,10 @@ ROWS = [
     ("bulk load", "bulk_p50_ms", "ms"), ("bulk load", "bulk_p99_ms", "ms"),
     ("bulk load", "bulk_created", ""), ("bulk load", "bulk_errors", ""),
     ("bulk load", "bulk_cpu_ms_per_req", "ms"),
+    ("lookup", "reference_lookup_rps", "req/s"),
     ("lookup", "lookup_rps", "req/s"), ("lookup", "lookup_ratio", ""), ("lookup", "lookup_p50_ms", "ms"),
     ("lookup", "lookup_p99_ms", "ms"), ("lookup", "lookup_errors", ""), ("lookup", "lookup_cpu_ms_per_req", "ms"),
+    ("update", "reference_update_rps", "req/s"),
     ("update", "update_rps", "req/s"), ("update", "update_ratio", ""), ("update", "update_p50_ms", "ms"),
     ("update", "update_p99_ms", "ms"), ("update", "update_errors", ""), ("update", "update_cpu_ms_per_req", "ms"),
     ("groups", "group_members", ""), ("groups", "group_add_first10_ms", "ms"),
