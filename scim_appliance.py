@@ -615,6 +615,24 @@ def _conflict_from(exc):
     raise exc
 
 
+def new_resource_id():
+    """A new resource id: a UUIDv7 (RFC 9562 §5.7), 48 bits of Unix time in
+    milliseconds, then 74 random bits.
+
+    RFC 7643 §3.1 leaves the id to the service provider. Time-ordered ids
+    give "improved database index locality" (RFC 9562 §6.2): a new user's
+    id lands at the end of the id index instead of on a random page, and
+    members added in the order they were created are inserted side by side
+    in the members table, so each commit writes a few pages, not one or two
+    per row. The random part keeps ids unguessable; creation time is no
+    secret (meta.created shows it).
+    """
+    value = (time.time_ns() // 1000000) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = value & ~(0xF << 76) | 0x7 << 76      # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62      # variant 10 (RFC 9562 §4.1)
+    return str(uuid.UUID(int=value))
+
+
 # ============================================================================
 # 4. Credentials
 # ============================================================================
@@ -2419,7 +2437,7 @@ def _read_resource_body(resource_type, body):
 def create_resource(store, resource_type, body, base_url, projection=None):
     """POST: a new user or group (RFC 7644 §3.3). Returns the resource."""
     document, members, password = _read_resource_body(resource_type, body)
-    resource_id = str(uuid.uuid4())
+    resource_id = new_resource_id()
     now = utc_now()
     row = _row_for(resource_type, resource_id, document, now, 1, created=now, password=password)
     with store.write() as tx:

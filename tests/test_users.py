@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import re
+import time
 import uuid
 
 import pytest
@@ -183,6 +184,26 @@ def test_post_user_ignores_client_supplied_id_and_meta(client, db):
     assert body["meta"]["created"] != "2000-01-01T00:00:00Z"
     assert user_row(db, "chosen-by-client") is None
     assert stored_document(db, "users", body["id"]) == {"userName": "client-ids"}
+
+
+def test_new_ids_are_uuid7_in_creation_order(client, db):
+    """Ids are UUIDv7 (RFC 9562 §5.7): 48 bits of Unix milliseconds first, so
+    they sort in creation order (index locality, §6.2), then random bits."""
+    before_ms = time.time_ns() // 1000000
+    ids = []
+    for n in range(3):
+        ids.append(client.post("/Users", {"schemas": [URN_USER], "userName": "seq%d" % n}).json["id"])
+        time.sleep(0.002)
+    after_ms = time.time_ns() // 1000000
+    for user_id in ids:
+        parsed = uuid.UUID(user_id)
+        assert str(parsed) == user_id and parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        assert before_ms <= parsed.int >> 80 <= after_ms
+        assert user_row(db, user_id)["id"] == user_id
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    # Ids made in the same millisecond still differ in their 74 random bits.
+    same_ms = {scim_appliance.new_resource_id() for _ in range(1000)}
+    assert len(same_ms) == 1000
 
 
 def test_location_comes_from_public_url_not_request_headers(client, db):
