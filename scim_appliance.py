@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import http.client
 import json
+import logging
 import math
 import os
 import re
@@ -61,6 +62,7 @@ DEFAULT_PAGE_SIZE = 100            # resources per page when `count` is absent
 MAX_PAGE_SIZE = 1000               # `count` above this is capped (RFC 7644 §3.4.2.4)
 MAX_OPERATIONS = 1000              # operations in one PATCH request
 MAX_MEMBERS = 10000                # members named in one request (POST, PUT or PATCH)
+QUEUE_WARNING_INTERVAL = 60        # waitress's "Task queue depth" warning: at most one a minute
 TOKEN_TOUCH_SECONDS = 60           # how often a token's last_used is written
 TOKEN_RECHECK_SECONDS = 0.1        # a token revoked by another process fails within this
 AUTH_FAILURE_LIMIT = 10            # failed authentications allowed per client address ...
@@ -3346,9 +3348,44 @@ def _strict_channel_class():
     return StrictChannel
 
 
+class RateLimitedLog(logging.Filter):
+    """Lets one record through per `interval` seconds and counts the rest.
+
+    Waitress warns "Task queue depth is N" for every request that waits for
+    a worker; with one worker under Entra's bursts that is every request,
+    megabytes of log a minute saying one thing.
+    """
+
+    def __init__(self, interval=QUEUE_WARNING_INTERVAL, clock=time.monotonic):
+        super().__init__()
+        self.interval = interval
+        self.clock = clock
+        self.suppressed = 0
+        self._next = None
+        self._lock = threading.Lock()
+
+    def filter(self, record):
+        with self._lock:
+            now = self.clock()
+            if self._next is not None and now < self._next:
+                self.suppressed += 1
+                return False
+            self._next = now + self.interval
+            if self.suppressed:
+                record.msg = "%s (and %d more such warnings in the last %d s)" % (
+                    record.getMessage(), self.suppressed, self.interval)
+                record.args = ()
+                self.suppressed = 0
+            return True
+
+
 def serve(settings, out=sys.stdout):
     """Run the SCIM listener until SIGTERM or Ctrl-C."""
     import waitress.server
+
+    queue_log = logging.getLogger("waitress.queue")
+    if not any(isinstance(f, RateLimitedLog) for f in queue_log.filters):
+        queue_log.addFilter(RateLimitedLog())
 
     store = Store(settings.db, synchronous=settings.durability.upper())
     app = make_scim_app(store, settings)

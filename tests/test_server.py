@@ -7,12 +7,14 @@ start with no arguments, and one refused start on a busy port.
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -470,3 +472,48 @@ def test_port_in_use_exits_non_zero_with_a_message(tmp_path, command):
     assert str(port) in result.stderr
     assert "Traceback" not in result.stderr
     assert "listen" in result.stderr.lower() or "in use" in result.stderr.lower()
+
+
+def test_queue_depth_warning_lets_one_record_through_per_interval():
+    now = [0.0]
+    limit = scim_appliance.RateLimitedLog(interval=60, clock=lambda: now[0])
+
+    def record():
+        return logging.LogRecord("waitress.queue", logging.WARNING, __file__, 1, "Task queue depth is %d", (3,),
+                                 None)
+
+    first = record()
+    assert limit.filter(first) and first.getMessage() == "Task queue depth is 3"
+    assert [limit.filter(record()) for _ in range(500)] == [False] * 500
+    now[0] += 59.9
+    assert not limit.filter(record())
+    now[0] += 0.2
+    summary = record()
+    assert limit.filter(summary)
+    assert summary.getMessage() == "Task queue depth is 3 (and 501 more such warnings in the last 60 s)"
+    now[0] += 60
+    quiet = record()
+    assert limit.filter(quiet) and quiet.getMessage() == "Task queue depth is 3"
+
+
+def test_a_burst_on_one_worker_logs_the_queue_warning_at_most_once(tmp_path):
+    """Sixteen clients at once on the one worker thread: waitress would warn
+    "Task queue depth" for nearly every request; the log gets one line."""
+    db_path = str(tmp_path / "burst.db")
+    token = run_cli("token", "create", "--name", "entra", "--db", db_path).stdout.strip()
+    server = LiveServer(db_path, ["--threads", "1"])
+    statuses = []
+    try:
+        def client():
+            for _ in range(15):
+                statuses.append(server.request("GET", "/Users?count=1", token=token)[0])
+
+        workers = [threading.Thread(target=client) for _ in range(16)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        output = server.stop()
+    assert statuses == [200] * 240
+    assert output.count("Task queue depth") <= 1
