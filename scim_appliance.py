@@ -63,6 +63,13 @@ MAX_PAGE_SIZE = 1000               # `count` above this is capped (RFC 7644 §3.
 MAX_OPERATIONS = 1000              # operations in one PATCH request
 MAX_MEMBERS = 10000                # members named in one request (POST, PUT or PATCH)
 QUEUE_WARNING_INTERVAL = 60        # waitress's "Task queue depth" warning: at most one a minute
+MIN_ADMIN_PASSWORD = 12            # characters
+ADMIN_IDLE_SECONDS = 30 * 60       # an admin session ends after this long unused
+ADMIN_MAX_SESSIONS = 1000          # sessions kept (logged in or not); the oldest go first
+ACTIVITY_FLUSH_SECONDS = 1.0       # the activity log is written this often
+ACTIVITY_PRUNE_SECONDS = 600       # and pruned this often
+ACTIVITY_MAX_PENDING = 100000      # entries held while the database cannot be written
+ACTIVITY_PAGE_ROWS = 200           # rows the activity page shows
 TOKEN_TOUCH_SECONDS = 60           # how often a token's last_used is written
 TOKEN_RECHECK_SECONDS = 0.1        # a token revoked by another process fails within this
 AUTH_FAILURE_LIMIT = 10            # failed authentications allowed per client address ...
@@ -239,6 +246,36 @@ MIGRATIONS = [
             revoked TEXT
         )""",
         "CREATE UNIQUE INDEX tokens_live_name ON tokens(name) WHERE revoked IS NULL",
+    ],
+    # 2: the admin page: token hints and expiry, the admin password, the
+    # activity log and request counts per minute.
+    [
+        "ALTER TABLE tokens ADD COLUMN hint TEXT",      # the token's first characters, to recognise it
+        "ALTER TABLE tokens ADD COLUMN expires TEXT",   # UTC dateTime; NULL: never
+        """CREATE TABLE admin (
+            id INTEGER PRIMARY KEY CHECK (id = 1),  -- one admin password
+            password_digest TEXT NOT NULL,          -- scrypt; the password is never stored
+            changed TEXT NOT NULL
+        )""",
+        """CREATE TABLE activity (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            token_name TEXT,                        -- NULL: the request did not authenticate
+            method TEXT NOT NULL,
+            resource_type TEXT,
+            resource_id TEXT,
+            resource_name TEXT,                     -- userName or displayName
+            summary TEXT,                           -- e.g. "active -> false", "+3 members"
+            status INTEGER NOT NULL,
+            scim_type TEXT,
+            detail TEXT
+        )""",
+        "CREATE INDEX activity_time ON activity(time)",
+        """CREATE TABLE request_counts (
+            minute TEXT PRIMARY KEY,                -- UTC, "2026-11-29T14:05"
+            requests INTEGER NOT NULL,
+            errors INTEGER NOT NULL                 -- answered with a status of 400 or more
+        ) WITHOUT ROWID""",
     ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -563,10 +600,10 @@ class Transaction:
 
     # -- tokens -------------------------------------------------------------
 
-    def insert_token(self, name, digest, created):
+    def insert_token(self, name, digest, created, hint=None, expires=None):
         try:
-            self.conn.execute("INSERT INTO tokens (name, digest, created) VALUES (?, ?, ?)",
-                              (name, digest, created))
+            self.conn.execute("INSERT INTO tokens (name, digest, created, hint, expires) VALUES (?, ?, ?, ?, ?)",
+                              (name, digest, created, hint, expires))
         except sqlite3.IntegrityError as exc:
             raise ValueError("a token named %r already exists" % name) from exc
         self.tokens_changed = True
@@ -578,13 +615,25 @@ class Transaction:
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
 
     def live_tokens(self):
-        """(name, digest) of every token that has not been revoked."""
+        """(name, digest, expires) of every token that has not been revoked."""
         return self.conn.execute(
-            "SELECT name, digest FROM tokens WHERE revoked IS NULL").fetchall()
+            "SELECT name, digest, expires FROM tokens WHERE revoked IS NULL").fetchall()
 
     def list_tokens(self):
-        return self.conn.execute(
-            "SELECT name, created, last_used, revoked FROM tokens ORDER BY created").fetchall()
+        """Every token, oldest first, as dicts (never the token itself: it is not stored)."""
+        cursor = self.conn.execute(
+            "SELECT name, hint, created, last_used, expires, revoked FROM tokens ORDER BY created, rowid")
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor]
+
+    def token_names(self):
+        """The names of the live tokens."""
+        return {name for (name,) in self.conn.execute("SELECT name FROM tokens WHERE revoked IS NULL")}
+
+    def last_token_use(self):
+        """(last_used, name) of the most recently used token, or None."""
+        return self.conn.execute("SELECT last_used, name FROM tokens WHERE last_used IS NOT NULL "
+                                 "ORDER BY last_used DESC LIMIT 1").fetchone()
 
     def revoke_token(self, name, now):
         revoked = self.conn.execute("UPDATE tokens SET revoked = ? WHERE name = ? AND revoked IS NULL",
@@ -594,6 +643,83 @@ class Transaction:
 
     def touch_token(self, digest, now):
         self.conn.execute("UPDATE tokens SET last_used = ? WHERE digest = ?", (now, digest))
+
+    # -- the admin password --------------------------------------------------
+
+    def admin_password_digest(self):
+        row = self.conn.execute("SELECT password_digest FROM admin WHERE id = 1").fetchone()
+        return row[0] if row else None
+
+    def set_admin_password_digest(self, digest, now):
+        self.conn.execute("INSERT INTO admin (id, password_digest, changed) VALUES (1, ?, ?) "
+                          "ON CONFLICT (id) DO UPDATE SET password_digest = excluded.password_digest, "
+                          "changed = excluded.changed", (digest, now))
+
+    # -- the activity log and request counts ------------------------------------
+
+    ACTIVITY_COLUMNS = ("time", "token_name", "method", "resource_type", "resource_id", "resource_name",
+                        "summary", "status", "scim_type", "detail")
+
+    def insert_activity(self, entries):
+        """Append activity rows: tuples in ACTIVITY_COLUMNS order."""
+        self.conn.executemany("INSERT INTO activity (%s) VALUES (%s)" % (
+            ", ".join(self.ACTIVITY_COLUMNS), ", ".join("?" * len(self.ACTIVITY_COLUMNS))), entries)
+
+    def add_request_counts(self, counts):
+        """counts: {minute: (requests, errors)}, added to what is stored."""
+        self.conn.executemany(
+            "INSERT INTO request_counts (minute, requests, errors) VALUES (?, ?, ?) "
+            "ON CONFLICT (minute) DO UPDATE SET requests = requests + excluded.requests, "
+            "errors = errors + excluded.errors",
+            [(minute, requests, errors) for minute, (requests, errors) in counts.items()])
+
+    def prune_activity(self, before, keep_rows):
+        """Delete activity older than `before`, then all but the newest `keep_rows`,
+        and request counts older than `before`."""
+        removed = self.conn.execute("DELETE FROM activity WHERE time < ?", (before,)).rowcount
+        removed += self.conn.execute(
+            "DELETE FROM activity WHERE id <= (SELECT id FROM activity ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (keep_rows,)).rowcount
+        self.conn.execute("DELETE FROM request_counts WHERE minute < ?", (before[:16],))
+        return removed
+
+    def search_activity(self, text=None, failed=None, limit=200):
+        """The newest activity rows (dicts), optionally those naming `text`
+        (a user or group name or id, case-insensitively) and only failed
+        (status >= 400) or only successful ones."""
+        where, params = [], []
+        if text:
+            where.append("(instr(lower(coalesce(resource_name, '')), ?) > 0 OR resource_id = ?)")
+            params += [text.lower(), text]
+        if failed is not None:
+            where.append("status >= 400" if failed else "status < 400")
+        cursor = self.conn.execute(
+            "SELECT %s FROM activity %s ORDER BY id DESC LIMIT ?" % (
+                ", ".join(self.ACTIVITY_COLUMNS), "WHERE " + " AND ".join(where) if where else ""),
+            params + [limit])
+        return [dict(zip(self.ACTIVITY_COLUMNS, row)) for row in cursor]
+
+    def request_totals(self, since):
+        """(requests, errors) counted from the minute of `since` (a UTC dateTime) on."""
+        return tuple(self.conn.execute("SELECT coalesce(sum(requests), 0), coalesce(sum(errors), 0) "
+                                       "FROM request_counts WHERE minute >= ?", (since[:16],)).fetchone())
+
+    def resource_names(self, table, ids):
+        """{id: userName or displayName} of those `ids` that exist."""
+        column = "user_name" if table == "users" else "display_name"
+        found = {}
+        for chunk, marks in _chunks(ids):
+            found.update(self.conn.execute("SELECT id, %s FROM %s WHERE id IN (%s)" % (column, table, marks),
+                                           chunk).fetchall())
+        return found
+
+    def resource_counts(self):
+        """{"active_users", "inactive_users", "groups"}; a user without `active` counts as active."""
+        active, inactive = self.conn.execute(
+            "SELECT count(*) - count(CASE WHEN active = 0 THEN 1 END), count(CASE WHEN active = 0 THEN 1 END) "
+            "FROM users").fetchone()
+        groups = self.conn.execute("SELECT count(*) FROM groups").fetchone()[0]
+        return {"active_users": active, "inactive_users": inactive, "groups": groups}
 
 
 def _chunks(ids, size=500):
@@ -654,25 +780,54 @@ def token_digest(token):
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def token_hint(token):
+    """What the admin page shows of a token: its prefix and 4 characters of
+    the secret (24 of its 256 bits), enough to tell tokens apart."""
+    return token[:len(TOKEN_PREFIX) + 4]
+
+
 def match_token(presented, live_tokens):
-    """(name, digest) of the live token equal to `presented`, or None.
+    """The (name, digest, expires) row of the live token equal to `presented`, or None.
 
     Every digest is compared with hmac.compare_digest, and the loop does not
     stop at the first match, so the time taken says nothing about the tokens.
     """
     digest = token_digest(presented)
     found = None
-    for name, stored in live_tokens:
-        if hmac.compare_digest(digest, stored):
-            found = (name, stored)
+    for row in live_tokens:
+        if hmac.compare_digest(digest, row[1]):
+            found = row
     return found
 
 
 def password_digest(password):
-    """User.password is writeOnly (RFC 7643 §4.1.1): kept only as a salted scrypt hash."""
+    """A salted scrypt hash, for User.password (writeOnly, RFC 7643 §4.1.1)
+    and the admin password; the password itself is never stored."""
     salt = secrets.token_bytes(16)
     key = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=2 ** 14, r=8, p=1, maxmem=2 ** 26)
     return "scrypt$16384$8$1$%s$%s" % (base64.b64encode(salt).decode(), base64.b64encode(key).decode())
+
+
+def verify_password(password, digest):
+    """Whether `password` hashes to `digest` (from password_digest), compared in constant time."""
+    try:
+        scheme, n, r, p, salt, key = digest.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = base64.b64decode(key)
+        actual = hashlib.scrypt(password.encode("utf-8"), salt=base64.b64decode(salt), n=int(n), r=int(r),
+                                p=int(p), maxmem=2 ** 26, dklen=len(expected))
+    except (ValueError, TypeError, UnicodeEncodeError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+def generate_setup_code():
+    """The one-time code printed at first start, to prove the first visitor
+    of the admin page can read the server's console: 60 random bits."""
+    alphabet = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"   # no 0/O or 1/I to misread
+    code = "".join(secrets.choice(alphabet) for _ in range(12))
+    return "-".join(code[k:k + 4] for k in range(0, 12, 4))
 
 
 # ============================================================================
@@ -2552,10 +2707,13 @@ def patch_resource(store, resource_type, resource_id, body, base_url, if_match=N
 
 
 def delete_resource(store, resource_type, resource_id, if_match=None):
-    """DELETE (RFC 7644 §3.6); the resource also leaves every group it was in."""
+    """DELETE (RFC 7644 §3.6); the resource also leaves every group it was in.
+    Returns the userName or displayName it had."""
     with store.write() as tx:
-        _check_if_match(if_match, _load(tx, resource_type, resource_id))
+        row = _load(tx, resource_type, resource_id)
+        _check_if_match(if_match, row)
         tx.delete_resource(resource_type.table, resource_id)
+    return row["user_name"] if resource_type is USER else row["display_name"]
 
 
 def list_resources(store, resource_types, query, base_url):
@@ -2630,20 +2788,44 @@ def _render_page(tx, resource_type, rows, base_url, projection):
 
 # -- tokens --------------------------------------------------------------------
 
-def create_token(store, name):
-    """A new bearer token named `name`; the token itself is returned once and never stored."""
+def create_token(store, name, expires=None):
+    """A new bearer token named `name`, valid until `expires` (a UTC
+    dateTime; None: until revoked). The token itself is returned once and
+    never stored."""
     if not name or not name.strip() or len(name) > 100:
         raise ValueError("a token name must be 1 to 100 characters")
     token = generate_token()
     with store.write() as tx:
-        tx.insert_token(name.strip(), token_digest(token), utc_now())
+        tx.insert_token(name.strip(), token_digest(token), utc_now(), token_hint(token), expires)
     return token
 
 
-def list_tokens(store):
-    """(name, created, last_used, revoked) of every token, oldest first."""
+def rotate_token(store, name):
+    """A new token beside the live token `name`, which stays valid until it
+    is revoked, so Entra can be switched over without a failed cycle.
+    Returns (new name, token)."""
     with store.read() as tx:
-        return tx.list_tokens()
+        taken = tx.token_names()
+    if name not in taken:
+        raise ValueError("no active token named %r" % name)
+    base = re.sub(r" \(rotated \d+\)$", "", name)
+    number = 2
+    while "%s (rotated %d)" % (base, number) in taken:
+        number += 1
+    new_name = "%s (rotated %d)" % (base, number)
+    return new_name, create_token(store, new_name)
+
+
+def list_tokens(store):
+    """Every token as a dict (name, hint, created, last_used, expires,
+    revoked, status), oldest first."""
+    now = utc_now()
+    with store.read() as tx:
+        tokens = tx.list_tokens()
+    for token in tokens:
+        token["status"] = ("revoked" if token["revoked"] else
+                           "expired" if token["expires"] and token["expires"] <= now else "active")
+    return tokens
 
 
 def has_live_token(store):
@@ -2656,6 +2838,147 @@ def revoke_token(store, name):
     with store.write() as tx:
         if not tx.revoke_token(name, utc_now()):
             raise ValueError("no active token named %r" % name)
+
+
+def set_admin_password(store, password):
+    """Set (or change) the admin page's password."""
+    if not isinstance(password, str) or len(password) < MIN_ADMIN_PASSWORD:
+        raise ValueError("the admin password must be at least %d characters" % MIN_ADMIN_PASSWORD)
+    digest = password_digest(password)   # scrypt before the write lock is taken
+    with store.write() as tx:
+        tx.set_admin_password_digest(digest, utc_now())
+
+
+def has_admin_password(store):
+    return store.read_once().admin_password_digest() is not None
+
+
+def check_admin_password(store, password):
+    digest = store.read_once().admin_password_digest()
+    return digest is not None and verify_password(password, digest)
+
+
+def provisioning_status(store, now=None):
+    """What the admin page's overview shows: counts of users and groups,
+    the last token use, requests and errors in the last hour and day, and
+    the last few failed requests."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    hour_ago = (now - datetime.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")
+    day_ago = (now - datetime.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M")
+    with store.read() as tx:
+        status = tx.resource_counts()
+        status["last_use"] = tx.last_token_use()
+        status["last_hour"] = tx.request_totals(hour_ago)
+        status["last_day"] = tx.request_totals(day_ago)
+        status["recent_errors"] = tx.search_activity(failed=True, limit=5)
+    return status
+
+
+def search_activity(store, text=None, failed=None, limit=ACTIVITY_PAGE_ROWS):
+    with store.read() as tx:
+        return tx.search_activity(text, failed, limit)
+
+
+class ActivityLog:
+    """What the admin page shows of Entra's work: every write and every
+    failed request, and the number of requests and errors per minute.
+
+    The SCIM layer calls `record` once per request: a list append under a
+    lock, so nothing on a request's path waits for the database. `flush`
+    writes whatever is pending in one transaction: every
+    ACTIVITY_FLUSH_SECONDS from a background thread, and before the admin
+    page reads. If the process dies, at most the last second of the log is
+    lost; SCIM data never is (it was committed before the response). Rows
+    older than `retention_days`, and beyond the newest `max_rows`, are
+    pruned every ACTIVITY_PRUNE_SECONDS.
+    """
+
+    def __init__(self, store, retention_days=30, max_rows=100000, clock=time.monotonic):
+        self.store = store
+        self.retention_days = retention_days
+        self.max_rows = max_rows
+        self.clock = clock
+        self._pending = []
+        self._counts = {}    # minute -> [requests, errors]
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._next_prune = None
+        self._stop = threading.Event()
+        self._thread = None
+        self.dropped = 0
+
+    def record(self, status, entry=None):
+        """Count one request; `entry` (ACTIVITY_COLUMNS, without the time)
+        also goes in the log."""
+        now = utc_now()
+        with self._lock:
+            counts = self._counts.setdefault(now[:16], [0, 0])
+            counts[0] += 1
+            counts[1] += status >= 400
+            if entry is not None:
+                if len(self._pending) >= ACTIVITY_MAX_PENDING:   # the database has been unwritable for long
+                    self._pending.pop(0)
+                    self.dropped += 1
+                self._pending.append((now,) + tuple(entry))
+
+    def flush(self):
+        """Write what is pending; prune when it is time."""
+        with self._flush_lock:
+            with self._lock:
+                pending, self._pending = self._pending, []
+                counts, self._counts = self._counts, {}
+            if pending or counts:
+                try:
+                    self._write(pending, counts)
+                except sqlite3.Error:
+                    with self._lock:   # keep them for the next try
+                        self._pending[:0] = pending
+                        for minute, (requests, errors) in counts.items():
+                            merged = self._counts.setdefault(minute, [0, 0])
+                            merged[0] += requests
+                            merged[1] += errors
+                    raise
+            if self._next_prune is None or self.clock() >= self._next_prune:
+                self._next_prune = self.clock() + ACTIVITY_PRUNE_SECONDS
+                before = (datetime.datetime.now(datetime.timezone.utc)
+                          - datetime.timedelta(days=self.retention_days)).strftime("%Y-%m-%dT%H:%M:%S")
+                with self.store.write() as tx:
+                    tx.prune_activity(before, self.max_rows)
+
+    def _write(self, pending, counts):
+        # Names the request did not carry (a group PATCH answers 204): the
+        # resource's current name, where it still exists.
+        unnamed = {}
+        for _, _, _, resource_type, resource_id, resource_name, *_ in pending:
+            if resource_type in RESOURCE_TYPES and resource_id and not resource_name:
+                unnamed.setdefault(RESOURCE_TYPES[resource_type].table, set()).add(resource_id)
+        with self.store.write() as tx:
+            names = {}
+            for table, ids in unnamed.items():
+                names.update(tx.resource_names(table, ids))
+            tx.insert_activity([row if row[5] or row[4] not in names else row[:5] + (names[row[4]],) + row[6:]
+                                for row in pending])
+            tx.add_request_counts(counts)
+
+    def start(self):
+        """Flush from a background thread until `stop`."""
+        def run():
+            while not self._stop.wait(ACTIVITY_FLUSH_SECONDS):
+                try:
+                    self.flush()
+                except sqlite3.Error as exc:
+                    print("scim-appliance: activity log not written yet: %s" % exc, file=sys.stderr)
+        self._thread = threading.Thread(target=run, name="activity-log", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        try:
+            self.flush()
+        except sqlite3.Error as exc:
+            print("scim-appliance: activity log not written: %s" % exc, file=sys.stderr)
 
 
 class TokenCheck:
@@ -2694,7 +3017,9 @@ class TokenCheck:
         found = match_token(presented, cache.tokens)
         if found is None:
             return None
-        name, digest = found
+        name, digest, expires = found
+        if expires is not None and expires <= utc_now():
+            return None
         now = time.monotonic()
         with self._lock:
             due = now - self._touched.get(digest, -TOKEN_TOUCH_SECONDS) >= TOKEN_TOUCH_SECONDS
@@ -2756,7 +3081,76 @@ def error_response(error):
         headers["WWW-Authenticate"] = 'Bearer realm="scim"'   # RFC 6750 §3
     if getattr(error, "retry_after", None):
         headers["Retry-After"] = str(error.retry_after)
+    if getattr(error, "allow", None):
+        headers["Allow"] = ", ".join(error.allow)             # RFC 9110 §15.5.6
     return scim_response(error.status, error.to_json(), headers)
+
+
+# What a request leaves in its environ for the activity log.
+TOKEN_NAME_KEY = "scim_appliance.token_name"
+ACTIVITY_KEY = "scim_appliance.activity"   # {"id", "name", "summary"}
+WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def note_activity(environ, resource_type, resource=None, summary=None):
+    """Tell the activity log what a write did: its summary, and the
+    resource's id and name once they are known."""
+    facts = environ.setdefault(ACTIVITY_KEY, {})
+    if summary is not None:
+        facts["summary"] = summary
+    if resource is not None:
+        facts["id"] = resource.get("id")
+        facts["name"] = resource.get("userName" if resource_type is USER else "displayName")
+
+
+def activity_entry(environ, segments, status, error):
+    """The activity-log entry (ACTIVITY_COLUMNS after the time) for a
+    request: every write and every failure; None for a successful read."""
+    method = environ.get("REQUEST_METHOD", "")
+    if method not in WRITE_METHODS and status < 400:
+        return None
+    facts = environ.get(ACTIVITY_KEY, {})
+    resource_type = resource_id = None
+    if segments and segments[0] in ("Users", "Groups"):
+        resource_type = "User" if segments[0] == "Users" else "Group"
+        if len(segments) == 2 and segments[1] != ".search":
+            resource_id = segments[1]
+    return (environ.get(TOKEN_NAME_KEY), method[:16], resource_type, facts.get("id") or resource_id,
+            facts.get("name"), facts.get("summary"), status,
+            error.scim_type if error is not None else None, error.detail if error is not None else None)
+
+
+def summarize_patch(operations):
+    """A PATCH in a few words for the activity log: "active → false",
+    "+3 members", "replace name.familyName". Attribute values other than
+    `active` are left out: the log names what changed, not to what."""
+    parts = []
+    for op in operations:
+        if op.path is None and isinstance(op.value, dict):
+            parts.extend(_summarize_change(op.op, key, value, True) for key, value in op.value.items()
+                         if key.lower() != "schemas")
+        else:
+            parts.append(_summarize_change(op.op, op.path or "", op.value, op.has_value))
+    return ", ".join(parts)[:300]
+
+
+def _summarize_change(op, path, value, has_value):
+    name = path.split(":")[-1] if path.lower().startswith("urn:") else path
+    if name.lower().startswith("members"):
+        count = len(value) if isinstance(value, list) else int(bool(value))
+        plural = "" if count == 1 else "s"
+        if op == "add":
+            return "+%d member%s" % (count, plural)
+        if op == "remove":
+            if "[" in name:
+                return "-1 member"
+            return "-%d member%s" % (count, plural) if has_value and count else "all members removed"
+        return "members replaced (%d)" % count
+    if name.lower() == "active" and op != "remove":
+        return "active → %s" % str(value).lower()
+    if op == "remove":
+        return "%s removed" % name
+    return "%s %s" % (op, name)
 
 
 def request_header(environ, name):
@@ -3005,8 +3399,10 @@ def _list_of(resources):
             "startIndex": 1, "itemsPerPage": len(resources)}
 
 
-def make_scim_app(store, settings):
-    """The SCIM service as a WSGI application, mounted at /scim."""
+def make_scim_app(store, settings, activity=None):
+    """The SCIM service as a WSGI application, mounted at /scim; each
+    request is counted in `activity` (an ActivityLog), and every write and
+    every failure is described there."""
     base_url = settings.base_url
     check_token = TokenCheck(store)
     throttle = AuthThrottle()
@@ -3024,7 +3420,9 @@ def make_scim_app(store, settings):
 
     def authenticate(environ):
         scheme, _, token = (request_header(environ, "Authorization") or "").partition(" ")
-        if scheme.lower() == "bearer" and token.strip() and check_token(token.strip()) is not None:
+        name = check_token(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        if name is not None:
+            environ[TOKEN_NAME_KEY] = name
             return
         # Only the header authenticates: a token in the query string (RFC
         # 6750 §2.3) would end up in proxy logs, so it is never looked at.
@@ -3094,6 +3492,7 @@ def make_scim_app(store, settings):
             # operation that returns a resource".
             resource = create_resource(store, resource_type, body(environ), base_url,
                                        projection_of(resource_type, read_query(environ)))
+            note_activity(environ, resource_type, resource, "created")
             location = resource_location(base_url, resource_type, resource["id"])
             return resource_response(201, resource, {"Location": location})
 
@@ -3129,9 +3528,11 @@ def make_scim_app(store, settings):
 
         @scim_route(endpoint + "/*", "PUT")
         def replace(environ, resource_id, resource_type=resource_type):
-            return resource_response(200, replace_resource(
-                store, resource_type, resource_id, body(environ), base_url, if_match(environ),
-                projection_of(resource_type, read_query(environ))))
+            note_activity(environ, resource_type, None, "replaced")
+            resource = replace_resource(store, resource_type, resource_id, body(environ), base_url,
+                                        if_match(environ), projection_of(resource_type, read_query(environ)))
+            note_activity(environ, resource_type, resource, "replaced")
+            return resource_response(200, resource)
 
         @scim_route(endpoint + "/*", "PATCH")
         def patch(environ, resource_id, resource_type=resource_type):
@@ -3141,16 +3542,22 @@ def make_scim_app(store, settings):
             # for, so it never reads its members (R37, "Returning a body with
             # a list of all the members isn't advisable").
             wants_body = resource_type is USER or "attributes" in params or "excludedattributes" in params
-            resource = patch_resource(store, resource_type, resource_id, body(environ), base_url,
+            request = body(environ)
+            if activity is not None:
+                note_activity(environ, resource_type, None, summarize_patch(read_patch_request(request)))
+            resource = patch_resource(store, resource_type, resource_id, request, base_url,
                                       if_match(environ),
                                       projection_of(resource_type, params) if wants_body else None)
+            note_activity(environ, resource_type, resource)
             if resource is None:
                 return scim_response(204)
             return resource_response(200, resource)
 
         @scim_route(endpoint + "/*", "DELETE")
         def delete(environ, resource_id, resource_type=resource_type):
-            delete_resource(store, resource_type, resource_id, if_match(environ))
+            note_activity(environ, resource_type, None, "deleted")
+            name = delete_resource(store, resource_type, resource_id, if_match(environ))
+            environ[ACTIVITY_KEY]["name"] = name
             return scim_response(204)
 
     @scim_route("/.search", "POST")
@@ -3168,39 +3575,51 @@ def make_scim_app(store, settings):
         def not_implemented(environ, *_):
             raise ScimError(501, None, "this endpoint is not implemented by scim-appliance")
 
-    def dispatch(environ):
+    def dispatch(environ, segments):
         """The Response to one request: route it, authenticate it, run it."""
-        try:
-            path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
-        except UnicodeError:
-            return error_response(ScimError(400, "invalidSyntax", "the path is not valid UTF-8"))
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in HTTP_METHODS:
             # RFC 9110 §9.1: "An origin server that receives a request method
             # that is unrecognized or not implemented SHOULD respond with the
             # 501 (Not Implemented) status code."
-            return error_response(ScimError(501, None, "the method %s is not implemented" % method))
-        methods, wildcards = _match_route(routes, _scim_segments(path))
+            raise ScimError(501, None, "the method %s is not implemented" % method)
+        methods, wildcards = _match_route(routes, segments)
         if methods is None:
-            return error_response(ScimError(404, None, "no such endpoint"))
+            raise ScimError(404, None, "no such endpoint")
         route = methods.get("GET" if method == "HEAD" else method)
         if route is None:
-            allowed = sorted(methods) + (["HEAD"] if "GET" in methods else [])
-            response = error_response(ScimError(405, None, "method not allowed here"))
-            return response._replace(headers=response.headers + [("Allow", ", ".join(allowed))])
+            error = ScimError(405, None, "method not allowed here")
+            error.allow = sorted(methods) + (["HEAD"] if "GET" in methods else [])
+            raise error
         handler, authenticated = route
+        if authenticated:
+            authenticate(environ)
+        return handler(environ, *wildcards)
+
+    def respond(environ):
+        """dispatch's Response, or the SCIM error it failed with; counted and
+        described in the activity log."""
+        error = None
+        segments = None
         try:
-            if authenticated:
-                authenticate(environ)
-            return handler(environ, *wildcards)
-        except ScimError as error:
-            return error_response(error)
+            path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
+            segments = _scim_segments(path)
+            response = dispatch(environ, segments)
+        except UnicodeError:
+            error = ScimError(400, "invalidSyntax", "the path is not valid UTF-8")
+        except ScimError as exc:
+            error = exc
         except Exception:   # a bug: log it, tell the client nothing about it
             traceback.print_exc(file=sys.stderr)
-            return error_response(ScimError(500, None, "internal server error"))
+            error = ScimError(500, None, "internal server error")
+        if error is not None:
+            response = error_response(error)
+        if activity is not None:
+            activity.record(response.status, activity_entry(environ, segments, response.status, error))
+        return response
 
     def scim_wsgi(environ, start_response):
-        status, headers, content = dispatch(environ)
+        status, headers, content = respond(environ)
         bodiless = environ.get("REQUEST_METHOD") == "HEAD" or status in _NO_CONTENT
         if isinstance(content, bytes):
             if status not in _NO_CONTENT:
@@ -3447,10 +3866,12 @@ def main(argv=None):
             if args.token_command == "create":
                 print(create_token(store, args.name))
             elif args.token_command == "list":
-                print("%-24s %-26s %-26s %s" % ("NAME", "CREATED", "LAST USED", "STATUS"))
-                for name, created, last_used, revoked in list_tokens(store):
-                    print("%-24s %-26s %-26s %s" % (name, created, last_used or "never",
-                                                    "revoked " + revoked if revoked else "active"))
+                print("%-24s %-14s %-26s %-26s %s" % ("NAME", "STARTS", "CREATED", "LAST USED", "STATUS"))
+                for token in list_tokens(store):
+                    print("%-24s %-14s %-26s %-26s %s" % (
+                        token["name"], token["hint"] or "-", token["created"], token["last_used"] or "never",
+                        token["status"] + {"revoked": " " + str(token["revoked"]),
+                                           "expired": " " + str(token["expires"])}.get(token["status"], "")))
             elif args.token_command == "revoke":
                 revoke_token(store, args.name)
                 print("revoked %s" % args.name, file=sys.stderr)
