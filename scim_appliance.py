@@ -12,7 +12,8 @@ One module, read top to bottom, lower layers first:
     7. PATCH engine       RFC 7644 §3.5.2 plus Entra's forms: parse_path, apply_patch (pure)
     8. Operations         create/replace/patch/delete/query: the only place a transaction opens
     9. SCIM HTTP          make_scim_app: a small WSGI router, thin handlers, one error exit
-   10. Server and CLI     serve(), main(argv)
+   10. Admin page         make_admin_app: tokens, activity, the connection panel
+   11. Server and CLI     serve(), main(argv)
 
 Specifications: RFC 7643 (schema), RFC 7644 (protocol), and Microsoft's
 "Develop and plan provisioning for a SCIM endpoint in Microsoft Entra ID".
@@ -42,6 +43,8 @@ import typing
 import unicodedata
 import urllib.parse
 import uuid
+
+import bottle
 
 
 __version__ = "0.1.0"
@@ -117,6 +120,10 @@ class Settings:
     #                                        commits on power loss (never on a process crash)
     trusted_proxy: str = ""                # address of the reverse proxy whose X-Forwarded-For
     #                                        is believed; "" = believe no one
+    admin_host: str = "127.0.0.1"          # admin page listener: keep it on loopback (SSH tunnel)
+    admin_port: int = 8081                 # admin page port
+    activity_days: int = 30                # the activity log keeps this many days ...
+    activity_max_rows: int = 100000        # ... and at most this many rows
 
     @property
     def base_url(self):
@@ -3673,7 +3680,494 @@ def _search_request(body):
 
 
 # ============================================================================
-# 10. Server and CLI
+# 10. Admin page
+# ============================================================================
+#
+# A small bottle app on its own loopback listener (--admin-host/--admin-port):
+# behind a reverse proxy on the same VM every proxied request comes from
+# 127.0.0.1, so "only from localhost" by address would protect nothing; a
+# listener the proxy never forwards to does (design.md §3). Pages are
+# rendered on the server with bottle's SimpleTemplate, which escapes every
+# {{value}}; the CSS and the one script (copy buttons) are files in static/,
+# so the Content-Security-Policy allows no inline script at all.
+#
+# Forgery: every form carries the session's CSRF token, the session cookie is
+# SameSite=Strict, and a POST whose Origin names another origin is refused.
+# The page's own policy is Referrer-Policy: no-referrer, under which browsers
+# send "Origin: null" with its own form posts (Fetch §3.1), so "null" and a
+# missing Origin are accepted only with the right CSRF token.
+
+STATIC_DIR = next((path for path in (
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "static"),
+    os.path.join(sys.prefix, "share", "scim-appliance", "static")) if os.path.isdir(path)),
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "static"))
+
+ADMIN_SECURITY_HEADERS = [
+    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    ("X-Frame-Options", "DENY"),
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+]
+SESSION_COOKIE = "scim_admin_session"
+
+
+class AdminSession:
+    """One browser's session: anonymous until its password or setup code is
+    accepted. Only a digest of its id is kept as the key."""
+
+    def __init__(self):
+        self.csrf = secrets.token_urlsafe(32)
+        self.logged_in = False
+        self.last_seen = time.monotonic()
+
+
+class AdminSessions:
+    """Server-side sessions, in memory: a restart logs everyone out."""
+
+    def __init__(self, idle=ADMIN_IDLE_SECONDS, limit=ADMIN_MAX_SESSIONS, clock=time.monotonic):
+        self.idle = idle
+        self.limit = limit
+        self.clock = clock
+        self._sessions = {}   # sha256(id) -> AdminSession, least recently used first
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(session_id):
+        return hashlib.sha256(session_id.encode("utf-8", "replace")).hexdigest()
+
+    def get(self, session_id):
+        """The live session for a cookie value, or None (unknown, or idle too long)."""
+        if not session_id:
+            return None
+        key = self._key(session_id)
+        with self._lock:
+            session = self._sessions.pop(key, None)
+            if session is None or self.clock() - session.last_seen > self.idle:
+                return None
+            session.last_seen = self.clock()
+            self._sessions[key] = session
+            return session
+
+    def new(self, logged_in=False):
+        """(id, session): a fresh session under a fresh random id."""
+        session_id = secrets.token_urlsafe(32)
+        session = AdminSession()
+        session.logged_in = logged_in
+        session.last_seen = self.clock()
+        with self._lock:
+            self._sessions[self._key(session_id)] = session
+            while len(self._sessions) > self.limit:
+                del self._sessions[next(iter(self._sessions))]
+        return session_id, session
+
+    def end(self, session_id):
+        with self._lock:
+            self._sessions.pop(self._key(session_id or ""), None)
+
+
+def _template(source):
+    return bottle.SimpleTemplate(source, noescape=False)
+
+
+ADMIN_LAYOUT = _template("""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{title}} · scim-appliance</title>
+<link rel="stylesheet" href="/static/admin.css">
+<script src="/static/admin.js" defer></script>
+</head>
+<body>
+<header>
+  <span class="brand">scim-appliance</span>
+  % if logged_in:
+  <nav>
+    <a href="/"{{!' aria-current="page"' if page == 'overview' else ''}}>Overview</a>
+    <a href="/tokens"{{!' aria-current="page"' if page == 'tokens' else ''}}>Tokens</a>
+    <a href="/activity"{{!' aria-current="page"' if page == 'activity' else ''}}>Activity</a>
+    <form method="post" action="/logout" class="inline">
+      <input type="hidden" name="csrf" value="{{csrf}}">
+      <button type="submit" class="link">Log out</button>
+    </form>
+  </nav>
+  % end
+</header>
+<main>
+<h1>{{title}}</h1>
+% if message:
+<p class="message {{message_kind}}" role="status">{{message}}</p>
+% end
+{{!body}}
+</main>
+</body>
+</html>
+""")
+
+ADMIN_PAGES = {
+    "setup": _template("""<p>No admin password is set yet. Enter the setup code the server printed when it
+started (in its console or log), and choose the password for this page.</p>
+<form method="post" action="/setup" class="stack">
+  <input type="hidden" name="csrf" value="{{csrf}}">
+  <label>Setup code <input name="code" autocomplete="off" required></label>
+  <label>New password <input type="password" name="password" autocomplete="new-password"
+         minlength="{{min_length}}" required></label>
+  <label>Repeat it <input type="password" name="confirm" autocomplete="new-password"
+         minlength="{{min_length}}" required></label>
+  <button type="submit">Set password</button>
+</form>
+"""),
+    "login": _template("""<form method="post" action="/login" class="stack">
+  <input type="hidden" name="csrf" value="{{csrf}}">
+  <label>Password <input type="password" name="password" autocomplete="current-password" required
+         autofocus></label>
+  <button type="submit">Log in</button>
+</form>
+"""),
+    "overview": _template("""<section class="card">
+  <h2>Connect Microsoft Entra ID</h2>
+  <p>In the enterprise application's <em>Provisioning</em> page, set <em>Tenant URL</em> to</p>
+  <p class="copyable"><code id="tenant-url">{{tenant_url}}</code>
+     <button type="button" data-copy="tenant-url">Copy</button></p>
+  <p>and <em>Secret Token</em> to a token from the <a href="/tokens">Tokens</a> page.</p>
+</section>
+<section class="card" id="connection">
+  <h2>Is provisioning working?</h2>
+  <dl class="figures">
+    <dt>Last call</dt>
+    % if last_use:
+    <dd id="last-call"><time>{{last_use[0]}}</time> with token <strong>{{last_use[1]}}</strong></dd>
+    % else:
+    <dd id="last-call">never: no token has been used yet</dd>
+    % end
+    <dt>Last hour</dt><dd id="last-hour">{{last_hour[0]}} requests, {{last_hour[1]}} errors</dd>
+    <dt>Last day</dt><dd id="last-day">{{last_day[0]}} requests, {{last_day[1]}} errors</dd>
+    <dt>Users</dt><dd id="users">{{active_users}} active, {{inactive_users}} inactive</dd>
+    <dt>Groups</dt><dd id="groups">{{groups}}</dd>
+  </dl>
+  <h3>Latest errors</h3>
+  % if recent_errors:
+  <ul class="errors">
+    % for entry in recent_errors:
+    <li><time>{{entry['time']}}</time> {{entry['method']}} {{entry['resource_type'] or ''}}
+        {{entry['resource_name'] or entry['resource_id'] or ''}}: <strong>{{entry['status']}}</strong>
+        {{entry['scim_type'] or ''}} {{entry['detail'] or ''}}</li>
+    % end
+  </ul>
+  % else:
+  <p>None.</p>
+  % end
+</section>
+"""),
+    "tokens": _template("""% if new_token:
+<section class="card reveal" id="new-token-card">
+  <h2>New token “{{new_token_name}}”</h2>
+  <p><strong>Copy it now: it is shown only this once</strong> and cannot be read back later.</p>
+  <p class="copyable"><code id="new-token">{{new_token}}</code>
+     <button type="button" data-copy="new-token">Copy token</button></p>
+  <p>Tenant URL: <code id="tenant-url">{{tenant_url}}</code>
+     <button type="button" data-copy="tenant-url">Copy</button></p>
+  % if rotated_from:
+  <p>“{{rotated_from}}” stays valid until you revoke it: switch Entra to the new token, then revoke the old one.</p>
+  % end
+</section>
+% end
+<section class="card">
+  <h2>Generate a token</h2>
+  <form method="post" action="/tokens" class="row">
+    <input type="hidden" name="csrf" value="{{csrf}}">
+    <label>Name <input name="name" maxlength="100" required placeholder="entra"></label>
+    <label>Expires after <input type="number" name="expires_days" min="1" max="3650" placeholder="never">
+      days</label>
+    <button type="submit">Generate SCIM token</button>
+  </form>
+</section>
+<section class="card">
+  <h2>Tokens</h2>
+  <table id="tokens">
+    <thead><tr><th>Name</th><th>Starts with</th><th>Created</th><th>Last used</th><th>Expires</th>
+      <th>Status</th><th></th></tr></thead>
+    <tbody>
+    % for token in tokens:
+      <tr class="{{token['status']}}">
+        <td>{{token['name']}}</td><td><code>{{token['hint'] or '-'}}…</code></td>
+        <td><time>{{token['created']}}</time></td><td>{{token['last_used'] or 'never'}}</td>
+        <td>{{token['expires'] or 'never'}}</td><td>{{token['status']}}</td>
+        <td>
+        % if token['status'] == 'active':
+          <form method="post" action="/tokens/rotate" class="inline">
+            <input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="name" value="{{token['name']}}">
+            <button type="submit">Rotate</button></form>
+          <form method="post" action="/tokens/revoke" class="inline">
+            <input type="hidden" name="csrf" value="{{csrf}}"><input type="hidden" name="name" value="{{token['name']}}">
+            <button type="submit" class="danger">Revoke</button></form>
+        % end
+        </td>
+      </tr>
+    % end
+    </tbody>
+  </table>
+</section>
+"""),
+    "activity": _template("""<form method="get" action="/activity" class="row">
+  <label>User or group <input name="q" value="{{query}}" placeholder="name or id"></label>
+  <label>Status <select name="status">
+    % for value, label in (("", "all"), ("ok", "succeeded"), ("failed", "failed")):
+    <option value="{{value}}"{{!' selected' if status == value else ''}}>{{label}}</option>
+    % end
+  </select></label>
+  <button type="submit">Search</button>
+</form>
+<p>Every write and every failed request; kept {{retention_days}} days.</p>
+<table id="activity">
+  <thead><tr><th>Time</th><th>Token</th><th>Request</th><th>Resource</th><th>Change</th><th>Status</th>
+    <th>Detail</th></tr></thead>
+  <tbody>
+  % for entry in entries:
+    <tr class="{{'failed' if entry['status'] >= 400 else 'ok'}}">
+      <td><time>{{entry['time']}}</time></td><td>{{entry['token_name'] or '-'}}</td>
+      <td>{{entry['method']}} {{entry['resource_type'] or ''}}</td>
+      <td>{{entry['resource_name'] or ''}} <small>{{entry['resource_id'] or ''}}</small></td>
+      <td>{{entry['summary'] or ''}}</td><td>{{entry['status']}}</td>
+      <td>{{entry['scim_type'] or ''}} {{entry['detail'] or ''}}</td>
+    </tr>
+  % end
+  </tbody>
+</table>
+% if not entries:
+<p>Nothing recorded{{' matches' if query or status else ''}}.</p>
+% end
+"""),
+    "error": _template("""<p>{{text}}</p>
+<p><a href="/">Back to the overview</a></p>
+"""),
+}
+
+
+def make_admin_app(store, settings, activity, setup_code=None):
+    """The admin page as a WSGI application. `setup_code` is the one-time
+    code printed at start when no admin password existed."""
+    app = bottle.Bottle()
+    app.config["catchall"] = False
+    sessions = AdminSessions()
+    throttle = AuthThrottle()
+    setup = {"digest": token_digest(setup_code) if setup_code else None}
+    tenant_url = settings.base_url
+
+    def render(page, title, session, status=200, message=None, message_kind="info", **values):
+        body = ADMIN_PAGES[page].render(csrf=session.csrf if session else "", **values)
+        bottle.response.status = status
+        bottle.response.content_type = "text/html; charset=utf-8"
+        return ADMIN_LAYOUT.render(title=title, body=body, page=page, csrf=session.csrf if session else "",
+                                   logged_in=bool(session and session.logged_in), message=message,
+                                   message_kind=message_kind)
+
+    def set_session_cookie(session_id):
+        bottle.response.set_cookie(SESSION_COOKIE, session_id, path="/", httponly=True, samesite="Strict",
+                                   secure=bottle.request.environ.get("wsgi.url_scheme") == "https")
+
+    def current_session(create=False):
+        """This browser's session; with `create`, a new anonymous one when it has none."""
+        session = sessions.get(bottle.request.get_cookie(SESSION_COOKIE))
+        if session is None and create:
+            session_id, session = sessions.new()
+            set_session_cookie(session_id)
+        return session
+
+    def check_form(session):
+        """Refuse a forged POST: another origin, or no valid CSRF token."""
+        origin = bottle.request.environ.get("HTTP_ORIGIN")
+        host = bottle.request.environ.get("HTTP_HOST", "")
+        scheme = bottle.request.environ.get("wsgi.url_scheme", "http")
+        if origin is not None and origin != "null" and origin != "%s://%s" % (scheme, host):
+            raise bottle.HTTPError(403, "This form was sent from another site (Origin %s)." % origin)
+        sent = bottle.request.forms.getunicode("csrf") or ""
+        if session is None or not hmac.compare_digest(sent.encode(), session.csrf.encode()):
+            raise bottle.HTTPError(403, "This form has expired or was not sent by this page: "
+                                        "reload the page and try again.")
+
+    def logged_in_session():
+        session = current_session()
+        if session is None or not session.logged_in:
+            bottle.redirect("/setup" if not has_admin_password(store) else "/login", 303)
+        return session
+
+    def throttled():
+        address = bottle.request.environ.get("REMOTE_ADDR", "")
+        wait = throttle.retry_after(address)
+        if wait:
+            bottle.response.set_header("Retry-After", str(wait))
+        return wait
+
+    # -- getting in --
+
+    @app.get("/setup")
+    def setup_form():
+        if has_admin_password(store):
+            bottle.redirect("/login", 303)
+        return render("setup", "First-time setup", current_session(create=True),
+                      min_length=MIN_ADMIN_PASSWORD)
+
+    @app.post("/setup")
+    def setup_submit():
+        session = current_session()
+        check_form(session)
+        if has_admin_password(store):
+            bottle.redirect("/login", 303)
+        wait = throttled()
+        if wait:
+            return render("setup", "First-time setup", session, 429, "Too many wrong attempts: "
+                          "try again in %d seconds." % wait, "error", min_length=MIN_ADMIN_PASSWORD)
+        form = bottle.request.forms
+        code = (form.getunicode("code") or "").strip().upper()
+        password, confirm = form.getunicode("password") or "", form.getunicode("confirm") or ""
+        if setup["digest"] is None or not hmac.compare_digest(token_digest(code), setup["digest"]):
+            throttle.record_failure(bottle.request.environ.get("REMOTE_ADDR", ""))
+            return render("setup", "First-time setup", session, 403, "That is not the setup code "
+                          "this server printed.", "error", min_length=MIN_ADMIN_PASSWORD)
+        if password != confirm:
+            return render("setup", "First-time setup", session, 400, "The two passwords differ.", "error",
+                          min_length=MIN_ADMIN_PASSWORD)
+        try:
+            set_admin_password(store, password)
+        except ValueError as exc:
+            return render("setup", "First-time setup", session, 400, str(exc), "error",
+                          min_length=MIN_ADMIN_PASSWORD)
+        setup["digest"] = None   # used up
+        return log_in(session)
+
+    @app.get("/login")
+    def login_form():
+        if not has_admin_password(store):
+            bottle.redirect("/setup", 303)
+        return render("login", "Log in", current_session(create=True))
+
+    @app.post("/login")
+    def login_submit():
+        session = current_session()
+        check_form(session)
+        wait = throttled()
+        if wait:
+            return render("login", "Log in", session, 429,
+                          "Too many failed logins: try again in %d seconds." % wait, "error")
+        if not check_admin_password(store, bottle.request.forms.getunicode("password") or ""):
+            throttle.record_failure(bottle.request.environ.get("REMOTE_ADDR", ""))
+            return render("login", "Log in", session, 403, "Wrong password.", "error")
+        return log_in(session)
+
+    def log_in(anonymous):
+        # A new id at login, so an id planted before it is worth nothing.
+        sessions.end(bottle.request.get_cookie(SESSION_COOKIE))
+        session_id, _ = sessions.new(logged_in=True)
+        set_session_cookie(session_id)
+        bottle.redirect("/", 303)
+
+    @app.post("/logout")
+    def logout():
+        check_form(current_session())
+        sessions.end(bottle.request.get_cookie(SESSION_COOKIE))
+        bottle.response.delete_cookie(SESSION_COOKIE, path="/")
+        bottle.redirect("/login", 303)
+
+    # -- the pages --
+
+    @app.get("/")
+    def overview():
+        session = logged_in_session()
+        activity.flush()
+        return render("overview", "Overview", session, tenant_url=tenant_url, **provisioning_status(store))
+
+    def tokens_page(session, status=200, message=None, kind="info", **shown):
+        values = dict(new_token=None, new_token_name=None, rotated_from=None)
+        values.update(shown)
+        return render("tokens", "Tokens", session, status, message, kind, tokens=list_tokens(store),
+                      tenant_url=tenant_url, **values)
+
+    @app.get("/tokens")
+    def tokens():
+        return tokens_page(logged_in_session())
+
+    @app.post("/tokens")
+    def generate():
+        session = logged_in_session()
+        check_form(session)
+        form = bottle.request.forms
+        name = (form.getunicode("name") or "").strip()
+        days = (form.getunicode("expires_days") or "").strip()
+        try:
+            expires = None
+            if days:
+                if not days.isdigit() or not 1 <= int(days) <= 3650:
+                    raise ValueError("the expiry must be a whole number of days from 1 to 3650")
+                expires = (datetime.datetime.now(datetime.timezone.utc)
+                           + datetime.timedelta(days=int(days))).strftime("%Y-%m-%dT%H:%M:%SZ")
+            token = create_token(store, name, expires)
+        except ValueError as exc:
+            return tokens_page(session, 400, str(exc), "error")
+        return tokens_page(session, 201, new_token=token, new_token_name=name)
+
+    @app.post("/tokens/rotate")
+    def rotate():
+        session = logged_in_session()
+        check_form(session)
+        name = bottle.request.forms.getunicode("name") or ""
+        try:
+            new_name, token = rotate_token(store, name)
+        except ValueError as exc:
+            return tokens_page(session, 400, str(exc), "error")
+        return tokens_page(session, 201, new_token=token, new_token_name=new_name, rotated_from=name)
+
+    @app.post("/tokens/revoke")
+    def revoke():
+        session = logged_in_session()
+        check_form(session)
+        name = bottle.request.forms.getunicode("name") or ""
+        try:
+            revoke_token(store, name)
+        except ValueError as exc:
+            return tokens_page(session, 400, str(exc), "error")
+        return tokens_page(session, 200, "Revoked “%s”: requests with it now get 401." % name)
+
+    @app.get("/activity")
+    def activity_page():
+        session = logged_in_session()
+        activity.flush()
+        query = (bottle.request.query.getunicode("q") or "").strip()
+        status = bottle.request.query.getunicode("status") or ""
+        failed = {"ok": False, "failed": True}.get(status)
+        return render("activity", "Activity", session, query=query, status=status if failed is not None else "",
+                      entries=search_activity(store, query or None, failed),
+                      retention_days=activity.retention_days)
+
+    @app.get("/static/<path:path>")
+    def static(path):
+        return bottle.static_file(path, root=STATIC_DIR)
+
+    def error_page(error):
+        bottle.response.content_type = "text/html; charset=utf-8"
+        text = error.body if isinstance(error.body, str) and error.body else {
+            404: "There is no such page here.", 405: "That method is not allowed here."}.get(
+            error.status_code, "The request failed.")
+        return ADMIN_LAYOUT.render(title=error.status_line.split(" ", 1)[-1], body=ADMIN_PAGES["error"].render(
+            text=text), page="error", csrf="", logged_in=False, message=None, message_kind="")
+
+    app.default_error_handler = error_page
+
+    def admin_wsgi(environ, start_response):
+        """The app, with the security headers on every response it sends."""
+        def with_headers(status, headers, exc_info=None):
+            names = {name.lower() for name, _ in ADMIN_SECURITY_HEADERS}
+            headers = [(n, v) for n, v in headers if n.lower() not in names] + ADMIN_SECURITY_HEADERS
+            return start_response(status, headers, exc_info)
+        return app(environ, with_headers)
+
+    return admin_wsgi
+
+
+# ============================================================================
+# 11. Server and CLI
 # ============================================================================
 
 # (Settings field, flag, environment variable, type, help) for `serve`.
@@ -3693,6 +4187,13 @@ SETTINGS_TABLE = (
     ("trusted_proxy", "--trusted-proxy", "SCIM_APPLIANCE_TRUSTED_PROXY", str,
      "address of the reverse proxy (e.g. 127.0.0.1) whose X-Forwarded-For names the client; "
      "from anyone else forwarded headers are removed"),
+    ("admin_host", "--admin-host", "SCIM_APPLIANCE_ADMIN_HOST", str,
+     "address the admin page listens on; keep it on loopback and reach it over an SSH tunnel"),
+    ("admin_port", "--admin-port", "SCIM_APPLIANCE_ADMIN_PORT", int, "port of the admin page"),
+    ("activity_days", "--activity-days", "SCIM_APPLIANCE_ACTIVITY_DAYS", int,
+     "days the activity log keeps"),
+    ("activity_max_rows", "--activity-max-rows", "SCIM_APPLIANCE_ACTIVITY_MAX_ROWS", int,
+     "rows the activity log keeps at most"),
 )
 
 
@@ -3733,9 +4234,27 @@ def build_parser():
     listing = token_commands.add_parser("list", help="show tokens (never the tokens themselves)")
     revoke = token_commands.add_parser("revoke", help="revoke a token by name")
     revoke.add_argument("name")
-    for sub in (create, listing, revoke):
+    admin = commands.add_parser("admin", help="manage the admin page")
+    admin_commands = admin.add_subparsers(dest="admin_command", metavar="ACTION", required=True)
+    set_password = admin_commands.add_parser(
+        "set-password", help="set the admin page's password (asked for twice on a terminal, "
+                             "else read from the first line of stdin)")
+    for sub in (create, listing, revoke, set_password):
         _add_setting(sub, "db")
     return parser
+
+
+def read_new_password(stdin=None):
+    """The new admin password: typed twice, unechoed, on a terminal; else the
+    first line of stdin (for scripts), never an argument (ps would show it)."""
+    stdin = stdin or sys.stdin
+    if stdin.isatty():
+        import getpass
+        password = getpass.getpass("New admin password: ")
+        if getpass.getpass("Repeat it: ") != password:
+            raise ValueError("the two passwords differ")
+        return password
+    return stdin.readline().rstrip("\r\n")
 
 
 MAX_HEADER_BYTES = 64 * 1024   # request line + headers; more gets 431 (a 4096-character filter fits)
@@ -3799,7 +4318,7 @@ class RateLimitedLog(logging.Filter):
 
 
 def serve(settings, out=sys.stdout):
-    """Run the SCIM listener until SIGTERM or Ctrl-C."""
+    """Run the SCIM listener and the admin page until SIGTERM or Ctrl-C."""
     import waitress.server
 
     queue_log = logging.getLogger("waitress.queue")
@@ -3807,14 +4326,19 @@ def serve(settings, out=sys.stdout):
         queue_log.addFilter(RateLimitedLog())
 
     store = Store(settings.db, synchronous=settings.durability.upper())
-    app = make_scim_app(store, settings)
+    activity = ActivityLog(store, settings.activity_days, settings.activity_max_rows)
+    setup_code = None if has_admin_password(store) else generate_setup_code()
+    app = make_scim_app(store, settings, activity)
+    admin_app = make_admin_app(store, settings, activity, setup_code)
     proxy = {}
     if settings.trusted_proxy:
         # waitress rewrites REMOTE_ADDR from X-Forwarded-For, but only for
         # requests whose peer is this proxy; everyone else's are removed.
         proxy = dict(trusted_proxy=settings.trusted_proxy, trusted_proxy_count=1,
                      trusted_proxy_headers={"x-forwarded-for"})
+    servers = []
     try:
+        listening = (settings.host, settings.port)
         server = waitress.server.create_server(
             app, host=settings.host, port=settings.port, threads=settings.threads,
             ident="scim-appliance", clear_untrusted_proxy_headers=True,
@@ -3822,29 +4346,52 @@ def serve(settings, out=sys.stdout):
             max_request_body_size=settings.max_body_bytes * 4,
             max_request_header_size=MAX_HEADER_BYTES, **proxy)
         server.channel_class = _strict_channel_class()
+        servers.append(server)
+        # The admin page: the same event loop (socket map), its own worker
+        # thread, so a login's scrypt never holds up Entra.
+        listening = (settings.admin_host, settings.admin_port)
+        admin = waitress.server.create_server(
+            admin_app, map=server._map, host=settings.admin_host, port=settings.admin_port, threads=1,
+            ident="scim-appliance-admin", clear_untrusted_proxy_headers=True,
+            max_request_body_size=64 * 1024, max_request_header_size=MAX_HEADER_BYTES)
+        admin.channel_class = _strict_channel_class()
+        servers.append(admin)
     except OSError as exc:
+        for opened in servers:
+            opened.close()
+            opened.task_dispatcher.shutdown(timeout=5)
         store.close()
-        raise SystemExit("scim-appliance: cannot listen on %s:%d: %s" % (settings.host, settings.port,
+        raise SystemExit("scim-appliance: cannot listen on %s:%d: %s" % (listening[0], listening[1],
                                                                          exc.strerror or exc))
     if settings.port == 0:   # an ephemeral port: report the one we got
         settings = dataclasses.replace(settings, port=server.effective_port)
-    print("SCIM endpoint: %s" % settings.base_url, file=out)
+    admin_port = int(admin.effective_port)
+    print("Admin page: http://%s:%d/ (from another machine: ssh -L %d:127.0.0.1:%d <this host>)"
+          % (_url_host(settings.admin_host), admin_port, admin_port, admin_port), file=out)
+    if setup_code:
+        print("Admin setup code: %s (asked for on the first visit to the admin page, to set its password;\n"
+              "  or set it with: python scim_appliance.py admin set-password --db %s)"
+              % (setup_code, settings.db), file=out)
     if not has_live_token(store):
-        print("No bearer token exists yet. Make one for Entra's Secret Token field with:\n"
+        print("No bearer token exists yet: generate one on the admin page, or with\n"
               "  python scim_appliance.py token create --name entra --db %s" % settings.db, file=out)
+    print("SCIM endpoint: %s" % settings.base_url, file=out)
     out.flush()
 
     def stop(signum, frame):
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
+    activity.start()
     try:
-        server.run()
+        server.run()   # serves both listeners: they share the socket map
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
-        server.close()
-        server.task_dispatcher.shutdown(timeout=5)
+        for opened in servers:
+            opened.close()
+            opened.task_dispatcher.shutdown(timeout=5)
+        activity.stop()
         store.close()
         print("scim-appliance stopped", file=out)
 
@@ -3863,7 +4410,10 @@ def main(argv=None):
             return 0
         store = Store(args.db)
         try:
-            if args.token_command == "create":
+            if args.command == "admin":
+                set_admin_password(store, read_new_password())
+                print("admin password set", file=sys.stderr)
+            elif args.token_command == "create":
                 print(create_token(store, args.name))
             elif args.token_command == "list":
                 print("%-24s %-14s %-26s %-26s %s" % ("NAME", "STARTS", "CREATED", "LAST USED", "STATUS"))

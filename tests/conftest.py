@@ -39,8 +39,15 @@ def token(store):
 
 
 @pytest.fixture
-def wsgi_app(store, settings):
-    return scim_appliance.make_scim_app(store, settings)
+def activity(store):
+    """The activity log, shared by the SCIM app and the admin page as in production
+    (flushed by hand: no background thread in tests)."""
+    return scim_appliance.ActivityLog(store)
+
+
+@pytest.fixture
+def wsgi_app(store, settings, activity):
+    return scim_appliance.make_scim_app(store, settings, activity)
 
 
 class ScimClient:
@@ -198,6 +205,9 @@ class LiveServer:
     def __init__(self, db_path, extra_args=(), env=None):
         self.db_path = db_path
         self.port = free_port()
+        if "--admin-port" not in extra_args:
+            extra_args = ["--admin-port", str(free_port())] + list(extra_args)
+        self.admin_port = int(extra_args[list(extra_args).index("--admin-port") + 1])
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.process = subprocess.Popen(

@@ -390,9 +390,8 @@ def test_token_life_cycle_public_url_and_sigterm(tmp_path):
             output = server.stop()
     assert code == 0
     assert "stopped" in output
-    # The database had no token at start: the lines after the banner say how to make one.
-    instructions = output.split("stopped")[0]
-    assert "token create" in instructions and db_path in instructions
+    # The database had no token at start: the banner says how to make one.
+    assert "token create" in server.banner and db_path in server.banner
 
 
 def test_environment_variables_instead_of_flags(tmp_path):
@@ -426,27 +425,37 @@ def test_environment_variables_instead_of_flags(tmp_path):
 
 def test_no_arguments_serves_with_the_defaults(tmp_path):
     """`python scim_appliance.py` alone = serve on 127.0.0.1:8080 with ./scim_appliance.db."""
-    try:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 8080))
-        port, env = 8080, clean_env()
-    except OSError:
-        # 8080 is taken on this machine: move the port, still check the default database.
-        port = free_port()
-        env = clean_env(SCIM_APPLIANCE_PORT=str(port))
+    env = clean_env()
+    ports = {}
+    for name, default, variable in (("scim", 8080, "SCIM_APPLIANCE_PORT"),
+                                    ("admin", 8081, "SCIM_APPLIANCE_ADMIN_PORT")):
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", default))
+            ports[name] = default
+        except OSError:
+            # Taken on this machine: move the port, still check everything else.
+            ports[name] = free_port()
+            env[variable] = str(ports[name])
+    port = ports["scim"]
     process, banner = start_process([], env, str(tmp_path))
     try:
         assert "SCIM endpoint: http://127.0.0.1:%d/scim" % port in banner
+        text = "\n".join(banner)
+        assert "Admin page: http://127.0.0.1:%d/" % ports["admin"] in text
+        assert "Admin setup code: " in text
         wait_for_port(port)
         status, headers, config = http_json("GET", "http://127.0.0.1:%d/scim/ServiceProviderConfig" % port)
         assert status == 200 and config["patch"]["supported"] is True
         status, _, _ = http_json("GET", "http://127.0.0.1:%d/scim/Users" % port)
         assert status == 401
+        with urllib.request.urlopen("http://127.0.0.1:%d/setup" % ports["admin"], timeout=10) as page:
+            assert page.status == 200 and b"Setup code" in page.read()
     finally:
         code, output = stop_process(process)
     assert code == 0 and "stopped" in output
-    # The instructions come after the banner line; the default database is in the cwd.
-    assert "token create" in output and "scim_appliance.db" in output
+    # How to make a token is in the banner; the default database is in the cwd.
+    assert "token create" in text and "scim_appliance.db" in text
     db_path = tmp_path / "scim_appliance.db"
     assert db_path.exists()
     conn = sqlite3.connect(str(db_path))
