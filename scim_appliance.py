@@ -3956,9 +3956,9 @@ def make_admin_app(store, settings, activity, setup_code=None):
     setup = {"digest": token_digest(setup_code) if setup_code else None}
     tenant_url = settings.base_url
 
-    def render(page, title, session, status=200, message=None, message_kind="info", **values):
+    def render(page, title, session, http_status=200, message=None, message_kind="info", **values):
         body = ADMIN_PAGES[page].render(csrf=session.csrf if session else "", **values)
-        bottle.response.status = status
+        bottle.response.status = http_status
         bottle.response.content_type = "text/html; charset=utf-8"
         return ADMIN_LAYOUT.render(title=title, body=body, page=page, csrf=session.csrf if session else "",
                                    logged_in=bool(session and session.logged_in), message=message,
@@ -4079,10 +4079,10 @@ def make_admin_app(store, settings, activity, setup_code=None):
         activity.flush()
         return render("overview", "Overview", session, tenant_url=tenant_url, **provisioning_status(store))
 
-    def tokens_page(session, status=200, message=None, kind="info", **shown):
+    def tokens_page(session, http_status=200, message=None, kind="info", **shown):
         values = dict(new_token=None, new_token_name=None, rotated_from=None)
         values.update(shown)
-        return render("tokens", "Tokens", session, status, message, kind, tokens=list_tokens(store),
+        return render("tokens", "Tokens", session, http_status, message, kind, tokens=list_tokens(store),
                       tenant_url=tenant_url, **values)
 
     @app.get("/tokens")
