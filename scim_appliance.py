@@ -155,8 +155,13 @@ def durability_mode(value):
 
 def utc_now():
     """RFC 7643 §2.3.5 dateTime, UTC, millisecond precision."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (now.microsecond // 1000)
+    return utc_text(time.time())
+
+
+def utc_text(seconds):
+    """utc_now's form of a Unix time."""
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
 
 
 def fold(text):
@@ -2687,14 +2692,13 @@ def replace_resource(store, resource_type, resource_id, body, base_url, if_match
         return _render_loaded(tx, resource_type, dict(current, **row), base_url, projection)
 
 
-def patch_resource(store, resource_type, resource_id, body, base_url, if_match=None, projection=None):
-    """PATCH (RFC 7644 §3.5.2): all operations apply or none do.
+def patch_resource(store, resource_type, resource_id, operations, base_url, if_match=None, projection=None):
+    """PATCH (RFC 7644 §3.5.2): all `operations` (from read_patch_request) apply or none do.
 
     Returns the resource (projected) when `projection` is given, else None:
     a group PATCH answers 204 unless the client asked for attributes, so it
     never reads the member list.
     """
-    operations = read_patch_request(body)
     with store.write() as tx:
         current = _load(tx, resource_type, resource_id, projection)
         _check_if_match(if_match, current)
@@ -2917,9 +2921,9 @@ class ActivityLog:
     def record(self, status, entry=None):
         """Count one request; `entry` (ACTIVITY_COLUMNS, without the time)
         also goes in the log."""
-        now = utc_now()
+        now = time.time()   # turned into text when written: record is on every request's path
         with self._lock:
-            counts = self._counts.setdefault(now[:16], [0, 0])
+            counts = self._counts.setdefault(int(now // 60), [0, 0])
             counts[0] += 1
             counts[1] += status >= 400
             if entry is not None:
@@ -2936,7 +2940,8 @@ class ActivityLog:
                 counts, self._counts = self._counts, {}
             if pending or counts:
                 try:
-                    self._write(pending, counts)
+                    self._write([(utc_text(row[0]),) + row[1:] for row in pending],
+                                {utc_text(minute * 60)[:16]: tuple(figures) for minute, figures in counts.items()})
                 except sqlite3.Error:
                     with self._lock:   # keep them for the next try
                         self._pending[:0] = pending
@@ -3549,10 +3554,10 @@ def make_scim_app(store, settings, activity=None):
             # for, so it never reads its members (R37, "Returning a body with
             # a list of all the members isn't advisable").
             wants_body = resource_type is USER or "attributes" in params or "excludedattributes" in params
-            request = body(environ)
+            operations = read_patch_request(body(environ))
             if activity is not None:
-                note_activity(environ, resource_type, None, summarize_patch(read_patch_request(request)))
-            resource = patch_resource(store, resource_type, resource_id, request, base_url,
+                note_activity(environ, resource_type, None, summarize_patch(operations))
+            resource = patch_resource(store, resource_type, resource_id, operations, base_url,
                                       if_match(environ),
                                       projection_of(resource_type, params) if wants_body else None)
             note_activity(environ, resource_type, resource)

@@ -29,9 +29,15 @@ def vm_steps(store, action):
     return steps[0]
 
 
+def members_patch(op, member_ids):
+    """The parsed operations of a PATCH that adds or removes `member_ids`."""
+    return scim_appliance.read_patch_request({"schemas": [URN_PATCH], "Operations": [
+        {"op": op, "path": "members", "value": [{"value": m} for m in member_ids]}]})
+
+
 def patch_members(store, group_id, op, member_id):
-    body = {"schemas": [URN_PATCH], "Operations": [{"op": op, "path": "members", "value": [{"value": member_id}]}]}
-    return lambda: scim_appliance.patch_resource(store, GROUP, group_id, body, BASE)
+    operations = members_patch(op, [member_id])
+    return lambda: scim_appliance.patch_resource(store, GROUP, group_id, operations, BASE)
 
 
 def test_member_add_and_remove_cost_does_not_grow_with_the_group(store):
@@ -43,9 +49,8 @@ def test_member_add_and_remove_cost_does_not_grow_with_the_group(store):
     filler = make_users(store, 3000, "filler")
     for group_id, members in ((small, filler[:10]), (large, filler)):
         for start in range(0, len(members), 500):
-            body = {"schemas": [URN_PATCH], "Operations": [
-                {"op": "add", "path": "members", "value": [{"value": m} for m in members[start:start + 500]]}]}
-            scim_appliance.patch_resource(store, GROUP, group_id, body, BASE)
+            scim_appliance.patch_resource(store, GROUP, group_id, members_patch("add", members[start:start + 500]),
+                                          BASE)
     newcomer = make_users(store, 1, "new")[0]
     add_small = vm_steps(store, patch_members(store, small, "add", newcomer))
     add_large = vm_steps(store, patch_members(store, large, "add", newcomer))
@@ -61,9 +66,7 @@ def test_group_read_without_members_does_not_touch_them(store):
     full = scim_appliance.create_resource(store, GROUP, {"displayName": "full"}, BASE)["id"]
     members = make_users(store, 3000, "m")
     for start in range(0, len(members), 500):
-        body = {"schemas": [URN_PATCH], "Operations": [
-            {"op": "add", "path": "members", "value": [{"value": m} for m in members[start:start + 500]]}]}
-        scim_appliance.patch_resource(store, GROUP, full, body, BASE)
+        scim_appliance.patch_resource(store, GROUP, full, members_patch("add", members[start:start + 500]), BASE)
     projection = scim_appliance.Projection(GROUP, excluded=["members"])
     read = lambda group_id: lambda: scim_appliance.get_resource(store, GROUP, group_id, BASE, projection)
     assert vm_steps(store, read(full)) <= 1.5 * vm_steps(store, read(empty)) + 5
