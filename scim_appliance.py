@@ -22,11 +22,13 @@ Specifications: RFC 7643 (schema), RFC 7644 (protocol), and Microsoft's
 import argparse
 import base64
 import contextlib
+import csv
 import dataclasses
 import datetime
 import hashlib
 import hmac
 import http.client
+import io
 import json
 import logging
 import math
@@ -65,8 +67,10 @@ DEFAULT_PAGE_SIZE = 100            # resources per page when `count` is absent
 MAX_PAGE_SIZE = 1000               # `count` above this is capped (RFC 7644 §3.4.2.4)
 MAX_OPERATIONS = 1000              # operations in one PATCH request
 MAX_MEMBERS = 10000                # members named in one request (POST, PUT or PATCH)
+SHUTDOWN_GRACE_SECONDS = 20        # after SIGTERM, requests already received may finish this long
 QUEUE_WARNING_INTERVAL = 60        # waitress's "Task queue depth" warning: at most one a minute
 MIN_ADMIN_PASSWORD = 12            # characters
+MAX_TOKEN_NAME = 100               # characters
 ADMIN_IDLE_SECONDS = 30 * 60       # an admin session ends after this long unused
 ADMIN_MAX_SESSIONS = 1000          # sessions kept (logged in or not); the oldest go first
 ACTIVITY_FLUSH_SECONDS = 1.0       # the activity log is written this often
@@ -289,6 +293,43 @@ MIGRATIONS = [
             errors INTEGER NOT NULL                 -- answered with a status of 400 or more
         ) WITHOUT ROWID""",
     ],
+    # 3: stable views for the customer's own software (README, "Data out"),
+    # and the row /healthz writes to prove the database takes writes.
+    [
+        """CREATE VIEW scim_users AS SELECT
+            id,
+            user_name,
+            external_id,
+            display_name,
+            json_extract(document, '$.name.givenName') AS given_name,
+            json_extract(document, '$.name.familyName') AS family_name,
+            coalesce((SELECT json_extract(e.value, '$.value') FROM json_each(document, '$.emails') AS e
+                      WHERE json_extract(e.value, '$.primary') = 1),
+                     json_extract(document, '$.emails[0].value')) AS email,
+            active,
+            json_extract(document, '$."%(enterprise)s".employeeNumber') AS employee_number,
+            json_extract(document, '$."%(enterprise)s".department') AS department,
+            json_extract(document, '$."%(enterprise)s".manager.value') AS manager_id,
+            created,
+            last_modified
+        FROM users""" % {"enterprise": URN_ENTERPRISE},
+        """CREATE VIEW scim_groups AS SELECT
+            id,
+            display_name,
+            external_id,
+            created,
+            last_modified
+        FROM groups""",
+        """CREATE VIEW scim_group_members AS SELECT
+            group_id,
+            member_id,
+            member_type                             -- 'User' or 'Group'
+        FROM members""",
+        """CREATE TABLE health (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            checked TEXT NOT NULL
+        )""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -377,9 +418,8 @@ class Store:
         """
         if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
             return
-        uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(self.path))
         try:
-            conn = sqlite3.connect(uri, uri=True, timeout=30)
+            conn = _open_read_only(self.path)
             try:
                 result = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
             finally:
@@ -449,6 +489,23 @@ class Store:
             if tx.tokens_changed:
                 self.token_generation += 1
 
+    def backup_to(self, destination):
+        """VACUUM INTO `destination`: a compact, consistent copy."""
+        self._connection().execute("VACUUM INTO ?", (destination,))
+
+    def restore_from(self, source):
+        """Overwrite this database with `source`'s pages through SQLite's
+        backup API: one transaction, through the WAL, so no reader ever
+        sees half of it and no stale -wal file can be replayed over it."""
+        with contextlib.closing(_open_read_only(source)) as backup:
+            backup.backup(self._connection())
+        self.token_generation += 1   # other threads' token caches are stale
+
+    def checkpoint(self):
+        """Copy the WAL into the database file and truncate it (at shutdown,
+        so the .db file alone is complete)."""
+        self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def migrate(self):
         """Carry the database forward to SCHEMA_VERSION, one transaction per step.
 
@@ -469,6 +526,11 @@ class Store:
                 for statement in MIGRATIONS[version]:
                     tx.conn.execute(statement)
                 tx.conn.execute("PRAGMA user_version=%d" % (version + 1))
+
+
+def _open_read_only(path):
+    """A read-only connection: nothing done through it can change the file."""
+    return sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path)), uri=True, timeout=30)
 
 
 def _sql_fold(value):
@@ -655,6 +717,45 @@ class Transaction:
 
     def touch_token(self, digest, now):
         self.conn.execute("UPDATE tokens SET last_used = ? WHERE digest = ?", (now, digest))
+
+    # -- health, backups and data out ------------------------------------------
+
+    def touch_health(self, now):
+        """A one-row write: proves the database takes writes (/healthz)."""
+        self.conn.execute("INSERT INTO health (id, checked) VALUES (1, ?) "
+                          "ON CONFLICT (id) DO UPDATE SET checked = excluded.checked", (now,))
+
+    def view_rows(self, view, size=1000):
+        """(column names, batches of rows) of one of the stable views, `size`
+        rows at a time: an export of 100,000 users never holds them all."""
+        cursor = self.conn.execute("SELECT * FROM %s" % view)   # in storage order: no sort to hold
+        names = [d[0] for d in cursor.description]
+
+        def batches():
+            while True:
+                batch = cursor.fetchmany(size)
+                if not batch:
+                    return
+                yield batch
+        return names, batches()
+
+    def all_rows(self, table, size=1000):
+        """Every row of `users` or `groups` (as `select` gives them), `size` at a time."""
+        cursor = self.conn.execute("SELECT * FROM %s ORDER BY rowid" % table)
+        names = [d[0] for d in cursor.description]
+        while True:
+            batch = cursor.fetchmany(size)
+            if not batch:
+                return
+            yield [dict(zip(names, row)) for row in batch]
+
+    def schema_version(self):
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def integrity_problems(self):
+        """PRAGMA integrity_check's findings; [] when the file is sound."""
+        found = [row[0] for row in self.conn.execute("PRAGMA integrity_check")]
+        return [] if found == ["ok"] else found
 
     # -- the admin password --------------------------------------------------
 
@@ -2638,32 +2739,17 @@ class GroupWithMembers:
 
     def __init__(self, store, resource_id, base_url, projection):
         self._snapshot = store.read()
-        self._tx = self._snapshot.__enter__()
+        tx = self._snapshot.__enter__()
         try:
-            row = _load(self._tx, GROUP, resource_id)
-            resource = render_resource(GROUP, row, base_url, members=())
-            marker = uuid.uuid4().hex   # stands where the members go, then is cut out
-            resource["members"] = [marker]
-            self.resource = projection.apply(resource)
-            self.prefix, self.suffix = json_bytes(self.resource).split(json_bytes([marker]))
+            self.resource, self._pieces = group_json_pieces(tx, _load(tx, GROUP, resource_id), base_url,
+                                                            projection)
         except BaseException:
             self.close()
             raise
-        self._group_id = resource_id
-        self._base_url = base_url
-        self._projection = projection
 
     def __iter__(self):
         try:
-            yield self.prefix + b"["
-            separator = b""
-            for batch in self._tx.group_member_batches(self._group_id):
-                members = self._projection.apply_to(
-                    "members", [_render_member(self._base_url, member) for member in batch])
-                if members:
-                    yield separator + json_bytes(members)[1:-1]
-                    separator = b","
-            yield b"]" + self.suffix
+            yield from self._pieces
         finally:
             self.close()
 
@@ -2671,6 +2757,27 @@ class GroupWithMembers:
         if self._snapshot is not None:
             snapshot, self._snapshot = self._snapshot, None
             snapshot.__exit__(None, None, None)
+
+
+def group_json_pieces(tx, row, base_url, projection):
+    """(the group's resource without members, its JSON in pieces with the
+    members read `tx.group_member_batches` at a time)."""
+    resource = render_resource(GROUP, row, base_url, members=())
+    marker = uuid.uuid4().hex   # stands where the members go, then is cut out
+    resource["members"] = [marker]
+    resource = projection.apply(resource)
+    prefix, suffix = json_bytes(resource).split(json_bytes([marker]))
+
+    def pieces():
+        yield prefix + b"["
+        separator = b""
+        for batch in tx.group_member_batches(row["id"]):
+            members = projection.apply_to("members", [_render_member(base_url, member) for member in batch])
+            if members:
+                yield separator + json_bytes(members)[1:-1]
+                separator = b","
+        yield b"]" + suffix
+    return resource, pieces()
 
 
 def replace_resource(store, resource_type, resource_id, body, base_url, if_match=None, projection=None):
@@ -2803,8 +2910,8 @@ def create_token(store, name, expires=None):
     """A new bearer token named `name`, valid until `expires` (a UTC
     dateTime; None: until revoked). The token itself is returned once and
     never stored."""
-    if not name or not name.strip() or len(name) > 100:
-        raise ValueError("a token name must be 1 to 100 characters")
+    if not name or not name.strip() or len(name) > MAX_TOKEN_NAME:
+        raise ValueError("a token name must be 1 to %d characters" % MAX_TOKEN_NAME)
     token = generate_token()
     with store.write() as tx:
         tx.insert_token(name.strip(), token_digest(token), utc_now(), token_hint(token), expires)
@@ -2821,9 +2928,12 @@ def rotate_token(store, name):
         raise ValueError("no active token named %r" % name)
     base = re.sub(r" \(rotated \d+\)$", "", name)
     number = 2
-    while "%s (rotated %d)" % (base, number) in taken:
+    while True:
+        suffix = " (rotated %d)" % number
+        new_name = base[:MAX_TOKEN_NAME - len(suffix)] + suffix
+        if new_name not in taken:
+            break
         number += 1
-    new_name = "%s (rotated %d)" % (base, number)
     return new_name, create_token(store, new_name)
 
 
@@ -2849,6 +2959,89 @@ def revoke_token(store, name):
     with store.write() as tx:
         if not tx.revoke_token(name, utc_now()):
             raise ValueError("no active token named %r" % name)
+
+
+# -- backups and data out -------------------------------------------------------
+
+EXPORT_FORMATS = ("json", "ndjson", "csv")
+
+
+def export_resources(store, resource_type, form, out, base_url):
+    """Write every user or group to `out` (a binary file), from one read
+    snapshot, a thousand at a time (memory does not grow with the
+    directory): csv as the stable view's columns (scim_users, scim_groups),
+    json (an array) and ndjson (one per line) as SCIM resources, users with
+    their groups, groups with their members."""
+    with store.read() as tx:
+        if form == "csv":
+            names, batches = tx.view_rows("scim_users" if resource_type is USER else "scim_groups")
+            text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
+            writer = csv.writer(text)
+            writer.writerow(names)
+            for batch in batches:
+                writer.writerows(batch)
+            text.detach()
+            return
+        opening, separator, closing = (b"[\n", b",\n", b"\n]\n") if form == "json" else (b"", b"\n", b"\n")
+        out.write(opening)
+        first = True
+        for rows in tx.all_rows(resource_type.table):
+            groups = tx.groups_of([row["id"] for row in rows]) if resource_type is USER else None
+            for row in rows:
+                if not first:
+                    out.write(separator)
+                first = False
+                if resource_type is USER:
+                    out.write(json_bytes(render_resource(USER, row, base_url, None, groups[row["id"]])))
+                else:
+                    for piece in group_json_pieces(tx, row, base_url, Projection(GROUP))[1]:
+                        out.write(piece)
+        out.write(closing if not first or form == "json" else b"")
+
+
+def backup_database(store, destination):
+    """A consistent copy of the whole database while it is in use: VACUUM
+    INTO reads it in one transaction (writers go on; the copy is what was
+    committed when it began). `destination` must not exist yet."""
+    if os.path.exists(destination):
+        raise ValueError("%s exists already; a backup never overwrites a file" % destination)
+    store.backup_to(destination)
+    with contextlib.closing(_open_read_only(destination)) as copy:
+        problems = Transaction(copy).integrity_problems()
+    if problems:
+        raise DatabaseError("the backup in %s fails SQLite's integrity check: %s"
+                            % (destination, "; ".join(problems[:3])))
+
+
+def check_database(path):
+    """(schema version, integrity findings) of a database file, read-only;
+    DatabaseError if it is no database or newer than this program."""
+    if not os.path.exists(path):
+        raise DatabaseError("%s does not exist" % path)
+    try:
+        with contextlib.closing(_open_read_only(path)) as conn:
+            tx = Transaction(conn)
+            version = tx.schema_version()
+            problems = tx.integrity_problems()
+    except sqlite3.DatabaseError as exc:
+        raise DatabaseError("%s is not a usable SQLite database: %s" % (path, exc)) from exc
+    if version > SCHEMA_VERSION:
+        raise DatabaseError("%s has schema version %d; this scim-appliance knows up to %d"
+                            % (path, version, SCHEMA_VERSION))
+    return version, problems
+
+
+def restore_database(store, source):
+    """Replace the database's whole content with a backup's, in one
+    transaction, then carry it forward to this version's schema. The
+    caller holds the server lock: no server is using the database."""
+    version, problems = check_database(source)
+    if problems:
+        raise DatabaseError("%s fails SQLite's integrity check: %s" % (source, "; ".join(problems[:3])))
+    if version == 0:
+        raise DatabaseError("%s is not a scim-appliance database" % source)
+    store.restore_from(source)
+    store.migrate()
 
 
 def set_admin_password(store, password):
@@ -3502,7 +3695,11 @@ def make_scim_app(store, settings, activity=None):
         def create(environ, resource_type=resource_type):
             # RFC 7644 §3.9: attributes/excludedAttributes apply to "any
             # operation that returns a resource".
-            resource = create_resource(store, resource_type, body(environ), base_url,
+            request = body(environ)
+            if isinstance(request, dict):   # so that a refused create still names who it was for
+                note_activity(environ, resource_type, {key: value for key, value in request.items()
+                                                       if key in ("userName", "displayName")}, "create")
+            resource = create_resource(store, resource_type, request, base_url,
                                        projection_of(resource_type, read_query(environ)))
             note_activity(environ, resource_type, resource, "created")
             location = resource_location(base_url, resource_type, resource["id"])
@@ -3540,7 +3737,7 @@ def make_scim_app(store, settings, activity=None):
 
         @scim_route(endpoint + "/*", "PUT")
         def replace(environ, resource_id, resource_type=resource_type):
-            note_activity(environ, resource_type, None, "replaced")
+            note_activity(environ, resource_type, None, "replace")
             resource = replace_resource(store, resource_type, resource_id, body(environ), base_url,
                                         if_match(environ), projection_of(resource_type, read_query(environ)))
             note_activity(environ, resource_type, resource, "replaced")
@@ -3567,8 +3764,9 @@ def make_scim_app(store, settings, activity=None):
 
         @scim_route(endpoint + "/*", "DELETE")
         def delete(environ, resource_id, resource_type=resource_type):
-            note_activity(environ, resource_type, None, "deleted")
+            note_activity(environ, resource_type, None, "delete")
             name = delete_resource(store, resource_type, resource_id, if_match(environ))
+            note_activity(environ, resource_type, None, "deleted")
             environ[ACTIVITY_KEY]["name"] = name
             return scim_response(204)
 
@@ -3608,9 +3806,25 @@ def make_scim_app(store, settings, activity=None):
             authenticate(environ)
         return handler(environ, *wildcards)
 
+    def health(environ):
+        """GET /healthz, for the proxy and monitoring: 200 when the database
+        answers a read and takes a write, else 503; no data either way."""
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            return Response(405, [("Allow", "GET, HEAD")])
+        try:
+            with store.write() as tx:
+                tx.touch_health(utc_now())
+                tx.schema_version()
+            return Response(200, [("Cache-Control", "no-store")])
+        except (sqlite3.Error, OSError) as exc:
+            print("scim-appliance: /healthz: the database is not usable: %s" % exc, file=sys.stderr)
+            return Response(503, [("Cache-Control", "no-store")])
+
     def respond(environ):
         """dispatch's Response, or the SCIM error it failed with; counted and
         described in the activity log."""
+        if environ.get("PATH_INFO") == "/healthz":   # outside /scim, not counted: probes are not Entra
+            return health(environ)
         error = None
         segments = None
         try:
@@ -3761,10 +3975,16 @@ class AdminSessions:
         session = AdminSession()
         session.logged_in = logged_in
         session.last_seen = self.clock()
+        key = self._key(session_id)
         with self._lock:
-            self._sessions[self._key(session_id)] = session
-            while len(self._sessions) > self.limit:
-                del self._sessions[next(iter(self._sessions))]
+            # Over the limit, the oldest anonymous session goes first: anyone
+            # who reaches the port can open those, so they must never push
+            # out a logged-in admin. Only when none is left, the oldest of all.
+            while len(self._sessions) >= self.limit:
+                victim = next((old for old, other in self._sessions.items() if not other.logged_in),
+                              next(iter(self._sessions)))
+                del self._sessions[victim]
+            self._sessions[key] = session
         return session_id, session
 
     def end(self, session_id):
@@ -3883,7 +4103,7 @@ started (in its console or log), and choose the password for this page.</p>
   <h2>Generate a token</h2>
   <form method="post" action="/tokens" class="row">
     <input type="hidden" name="csrf" value="{{csrf}}">
-    <label>Name <input name="name" maxlength="100" required placeholder="entra"></label>
+    <label>Name <input name="name" maxlength="{{max_name}}" required placeholder="entra"></label>
     <label>Expires after <input type="number" name="expires_days" min="1" max="3650" placeholder="never">
       days</label>
     <button type="submit">Generate SCIM token</button>
@@ -4088,7 +4308,7 @@ def make_admin_app(store, settings, activity, setup_code=None):
         values = dict(new_token=None, new_token_name=None, rotated_from=None)
         values.update(shown)
         return render("tokens", "Tokens", session, http_status, message, kind, tokens=list_tokens(store),
-                      tenant_url=tenant_url, **values)
+                      tenant_url=tenant_url, max_name=MAX_TOKEN_NAME, **values)
 
     @app.get("/tokens")
     def tokens():
@@ -4239,6 +4459,22 @@ def build_parser():
     listing = token_commands.add_parser("list", help="show tokens (never the tokens themselves)")
     revoke = token_commands.add_parser("revoke", help="revoke a token by name")
     revoke.add_argument("name")
+    backup = commands.add_parser("backup", help="copy the database, consistently, while the server runs")
+    backup.add_argument("destination", help="the new file (must not exist)")
+    restore = commands.add_parser("restore", help="replace the database with a backup (the server must be "
+                                                  "stopped)")
+    restore.add_argument("source", help="a file made by `backup`")
+    check = commands.add_parser("check", help="check the database's integrity and schema version "
+                                              "(read-only; exit status 1 on a problem)")
+    export = commands.add_parser("export", help="write every user or group to stdout or a file")
+    export.add_argument("what", choices=("users", "groups"))
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="json",
+                        help="json (an array of SCIM resources), ndjson (one per line) or csv (the columns "
+                             "of the scim_users / scim_groups view); default json")
+    export.add_argument("--output", help="file to write (default stdout)")
+    _add_setting(export, "public_url")
+    for sub in (backup, restore, check, export):
+        _add_setting(sub, "db")
     admin = commands.add_parser("admin", help="manage the admin page")
     admin_commands = admin.add_subparsers(dest="admin_command", metavar="ACTION", required=True)
     set_password = admin_commands.add_parser(
@@ -4330,7 +4566,18 @@ def serve(settings, out=sys.stdout):
     if not any(isinstance(f, RateLimitedLog) for f in queue_log.filters):
         queue_log.addFilter(RateLimitedLog())
 
-    store = Store(settings.db, synchronous=settings.durability.upper())
+    lock = ServerLock(settings.db)
+    try:
+        locked = lock.acquire()
+    except OSError as exc:
+        raise SystemExit("scim-appliance: cannot use %s: %s" % (settings.db, exc.strerror or exc))
+    if not locked:
+        raise SystemExit("scim-appliance: another scim-appliance is serving %s" % settings.db)
+    try:
+        store = Store(settings.db, synchronous=settings.durability.upper())
+    except BaseException:
+        lock.release()
+        raise
     activity = ActivityLog(store, settings.activity_days, settings.activity_max_rows)
     setup_code = None if has_admin_password(store) else generate_setup_code()
     app = make_scim_app(store, settings, activity)
@@ -4366,6 +4613,7 @@ def serve(settings, out=sys.stdout):
             opened.close()
             opened.task_dispatcher.shutdown(timeout=5)
         store.close()
+        lock.release()
         raise SystemExit("scim-appliance: cannot listen on %s:%d: %s" % (listening[0], listening[1],
                                                                          exc.strerror or exc))
     if settings.port == 0:   # an ephemeral port: report the one we got
@@ -4393,12 +4641,64 @@ def serve(settings, out=sys.stdout):
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
+        # Graceful: stop accepting, let the requests already received finish
+        # and their responses go out, then write the log and fold the WAL
+        # into the database file.
         for opened in servers:
             opened.close()
+        finished = _drain(server._map, time.monotonic() + SHUTDOWN_GRACE_SECONDS)
+        for opened in servers:
             opened.task_dispatcher.shutdown(timeout=5)
         activity.stop()
+        try:
+            store.checkpoint()
+        except sqlite3.Error as exc:
+            print("scim-appliance: WAL checkpoint failed: %s" % exc, file=sys.stderr)
         store.close()
-        print("scim-appliance stopped", file=out)
+        lock.release()
+        print("scim-appliance stopped%s" % ("" if finished else " (some requests were still running after %d s)"
+                                            % SHUTDOWN_GRACE_SECONDS), file=out)
+
+
+def _drain(socket_map, deadline):
+    """Run waitress's event loop until no connection has a request in
+    progress or a response unsent (True), or the deadline passes (False)."""
+    import waitress.wasyncore
+    while time.monotonic() < deadline:
+        busy = [channel for channel in list(socket_map.values())
+                if getattr(channel, "requests", None) or getattr(channel, "total_outbufs_len", 0)]
+        if not busy:
+            return True
+        waitress.wasyncore.loop(timeout=0.05, map=socket_map, count=1)
+    return False
+
+
+class ServerLock:
+    """An exclusive advisory lock on DB.lock while `serve` runs, so that a
+    second server on the same database, and `restore`, are refused with a
+    clear message instead of interleaving with it. (fcntl: Unix only; the
+    appliance runs on a Linux VM.)"""
+
+    def __init__(self, db_path):
+        self.path = db_path + ".lock"
+        self._file = None
+
+    def acquire(self):
+        """True if this process now holds the lock; False if another does."""
+        import fcntl
+        handle = open(self.path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        self._file = handle
+        return True
+
+    def release(self):
+        if self._file is not None:
+            self._file.close()   # closing the file lets go of the lock
+            self._file = None
 
 
 def main(argv=None):
@@ -4413,9 +4713,46 @@ def main(argv=None):
             settings = Settings(**{field: getattr(args, field) for field, *_ in SETTINGS_TABLE})
             serve(settings)
             return 0
+        if args.command == "check":
+            version, problems = check_database(args.db)
+            if problems:
+                print("scim-appliance: %s fails SQLite's integrity check:\n  %s"
+                      % (args.db, "\n  ".join(problems[:20])), file=sys.stderr)
+                return 1
+            print("%s: ok, schema version %d%s" % (args.db, version, "" if version == SCHEMA_VERSION else
+                                                   " (carried forward to %d at the next start)" % SCHEMA_VERSION))
+            return 0
+        if args.command == "restore":
+            lock = ServerLock(args.db)
+            if not lock.acquire():
+                raise DatabaseError("a server is using %s: stop it before restoring" % args.db)
+            try:
+                check_database(args.source)   # before Store() creates or migrates anything
+                store = Store(args.db)
+                try:
+                    restore_database(store, args.source)
+                finally:
+                    store.close()
+            finally:
+                lock.release()
+            print("restored %s from %s" % (args.db, args.source), file=sys.stderr)
+            return 0
         store = Store(args.db)
         try:
-            if args.command == "admin":
+            if args.command == "backup":
+                backup_database(store, args.destination)
+                print("backed up %s to %s" % (args.db, args.destination), file=sys.stderr)
+            elif args.command == "export":
+                base_url = Settings(public_url=args.public_url).base_url
+                if args.output:
+                    with open(args.output, "wb") as out:
+                        export_resources(store, RESOURCE_TYPES[args.what[:-1].capitalize()], args.format, out,
+                                         base_url)
+                else:
+                    export_resources(store, RESOURCE_TYPES[args.what[:-1].capitalize()], args.format,
+                                     sys.stdout.buffer, base_url)
+                    sys.stdout.buffer.flush()
+            elif args.command == "admin":
                 set_admin_password(store, read_new_password())
                 print("admin password set", file=sys.stderr)
             elif args.token_command == "create":
@@ -4432,7 +4769,7 @@ def main(argv=None):
                 print("revoked %s" % args.name, file=sys.stderr)
         finally:
             store.close()
-    except (ValueError, DatabaseError, sqlite3.Error) as exc:
+    except (ValueError, DatabaseError, sqlite3.Error, OSError) as exc:
         print("scim-appliance: %s" % exc, file=sys.stderr)
         return 1
     return 0

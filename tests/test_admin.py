@@ -202,8 +202,25 @@ def set_password_by_cli(db_path, stdin):
                            "--db", db_path], input=stdin, capture_output=True, text=True, timeout=30, cwd=ROOT)
 
 
+DATETIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")   # utc_now()'s form
+
+
 def utc_text(moment):
     return moment.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def parse_utc(value, form="%Y-%m-%dT%H:%M:%S.%fZ"):
+    return datetime.datetime.strptime(value, form).replace(tzinfo=datetime.timezone.utc)
+
+
+def cookie_attributes(set_cookie):
+    """A Set-Cookie header's parts, lower-cased: ["name=value", "httponly", ...]."""
+    return [part.strip().lower() for part in set_cookie.split(";")]
+
+
+def latest_errors(page):
+    """The overview's "Latest errors" items, as text."""
+    return [text(item) for item in re.findall(r"<li>(.*?)</li>", page.text, re.S)]
 
 
 # -- first start: the setup code ---------------------------------------------------
@@ -319,7 +336,7 @@ def test_login_issues_a_new_session_id(admin, password):
 
 def test_the_session_cookie_is_httponly_and_samesite_strict_over_http(admin, password):
     for response in (admin.get("/login"), login(admin, PASSWORD)):
-        attributes = [part.strip().lower() for part in response.headers["Set-Cookie"].split(";")]
+        attributes = cookie_attributes(response.headers["Set-Cookie"])
         assert attributes[0].startswith(COOKIE + "=")
         assert "httponly" in attributes and "samesite=strict" in attributes and "path=/" in attributes
         assert "secure" not in attributes
@@ -331,8 +348,7 @@ def test_the_session_cookie_is_secure_over_https(make_admin, password):
     response = login(app, PASSWORD, origin="https://localhost:80")
     assert_redirect(response, "/")
     for cookie in (first.headers["Set-Cookie"], response.headers["Set-Cookie"]):
-        attributes = [part.strip().lower() for part in cookie.split(";")]
-        assert {"secure", "httponly", "samesite=strict"} <= set(attributes)
+        assert {"secure", "httponly", "samesite=strict"} <= set(cookie_attributes(cookie))
     # Over https the page's own origin is https://host; http://host is another.
     login(app, PASSWORD, status=403, origin=OWN_ORIGIN)
 
@@ -559,7 +575,7 @@ def test_user_names_in_the_log_and_overview_are_escaped(logged_in, client, store
     overview = logged_in.get("/")
     assert text_of(overview, "last-call").endswith("with token " + bad_name)
     # The latest errors name the user whose write failed.
-    assert [text(item) for item in re.findall(r"<li>(.*?)</li>", overview.text, re.S)][1].endswith(
+    assert latest_errors(overview)[1].endswith(
         "PATCH User %s: 400 invalidPath %s" % (evil, failed.json["detail"]))
 
 
@@ -593,14 +609,13 @@ def test_the_token_list_shows_name_hint_dates_and_status(logged_in, wsgi_app):
     row = token_row(logged_in.get("/tokens"), "entra-prod")
     assert row["Starts with"] == scim_appliance.token_hint(token) + "…"
     assert row["Starts with"].startswith(token[:len(scim_appliance.TOKEN_PREFIX) + 4])
-    created = datetime.datetime.strptime(row["Created"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-        tzinfo=datetime.timezone.utc)
+    created = parse_utc(row["Created"])
     assert abs((datetime.datetime.now(datetime.timezone.utc) - created).total_seconds()) < 60
     assert (row["Last used"], row["Expires"], row["Status"]) == ("never", "never", "active")
     assert "Rotate" in row[""] and "Revoke" in row[""]
     ScimClient(webtest.TestApp(wsgi_app), token).get("/Users", status=200)
     used = token_row(logged_in.get("/tokens"), "entra-prod")["Last used"]
-    assert used >= row["Created"] and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", used)
+    assert used >= row["Created"] and DATETIME.fullmatch(used)
 
 
 def test_an_expiring_token_stops_working_when_it_expires(logged_in, wsgi_app, store, monkeypatch):
@@ -608,7 +623,7 @@ def test_an_expiring_token_stops_working_when_it_expires(logged_in, wsgi_app, st
     token = shown_token(page)
     expires = token_row(logged_in.get("/tokens"), "temporary")["Expires"]
     in_a_week = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=7)
-    stored = datetime.datetime.strptime(expires, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    stored = parse_utc(expires, "%Y-%m-%dT%H:%M:%SZ")
     assert abs((stored - in_a_week).total_seconds()) < 60
     assert [t["expires"] for t in scim_appliance.list_tokens(store) if t["name"] == "temporary"] == [expires]
     scim = ScimClient(webtest.TestApp(wsgi_app), token)
@@ -716,8 +731,9 @@ def test_writes_and_failures_are_logged_and_reads_are_not(logged_in, provisionin
     ids, errors = provisioning, provisioning["errors"]
     bob, carol, dave = ids["members"]
     assert activity_rows(logged_in) == [
-        ("entra", "POST User", "", "", "409", "uniqueness " + errors[409]["detail"]),
-        ("entra", "POST User", "", "", "400", "%s %s" % (errors[400]["scimType"], errors[400]["detail"])),
+        # A refused create still names who it was for, from the request.
+        ("entra", "POST User", "ALICE@example.com", "create", "409", "uniqueness " + errors[409]["detail"]),
+        ("entra", "POST User", "", "create", "400", "%s %s" % (errors[400]["scimType"], errors[400]["detail"])),
         ("entra", "GET User", "no-such-id", "", "404", errors[404]["detail"]),
         ("-", "POST User", "", "", "401", errors[401]["detail"]),
         ("entra", "DELETE User", "dave@example.com " + dave, "deleted", "204", ""),
@@ -732,14 +748,14 @@ def test_writes_and_failures_are_logged_and_reads_are_not(logged_in, provisionin
     page = logged_in.get("/activity")
     assert "kept 30 days" in page.text
     times = [row["Time"] for row in table(page, "activity")]
-    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", t) for t in times)
+    assert all(DATETIME.fullmatch(t) for t in times)
     assert times == sorted(times, reverse=True)
 
 
 def test_the_activity_log_is_searchable_and_filterable(logged_in, provisioning):
     alice, group = provisioning["alice"], provisioning["group"]
-    assert [(r[1], r[3]) for r in activity_rows(logged_in, "?q=ALICE")] == [
-        ("PATCH User", "active → false"), ("POST User", "created")]
+    assert [(r[1], r[3], r[4]) for r in activity_rows(logged_in, "?q=ALICE")] == [
+        ("POST User", "create", "409"), ("PATCH User", "active → false", "200"), ("POST User", "created", "201")]
     assert [(r[1], r[3]) for r in activity_rows(logged_in, "?q=engineer")] == [
         ("PATCH Group", "+3 members"), ("POST Group", "created")]
     assert [r[1] for r in activity_rows(logged_in, "?q=" + alice)] == ["PATCH User", "POST User"]
@@ -748,7 +764,7 @@ def test_the_activity_log_is_searchable_and_filterable(logged_in, provisioning):
     assert [r[4] for r in activity_rows(logged_in, "?status=ok")] == ["204", "204", "201", "201", "201", "201",
                                                                       "200", "201"]
     assert [r[1] for r in activity_rows(logged_in, "?status=ok&q=alice")] == ["PATCH User", "POST User"]
-    assert activity_rows(logged_in, "?status=failed&q=alice") == []
+    assert [r[4] for r in activity_rows(logged_in, "?status=failed&q=alice")] == ["409"]
     assert len(activity_rows(logged_in, "?status=bogus")) == 12   # an unknown status filters nothing
     page = logged_in.get("/activity?q=nobody-at-all&status=failed")
     assert "Nothing recorded matches." in page.text
@@ -759,17 +775,17 @@ def test_the_activity_log_is_searchable_and_filterable(logged_in, provisioning):
 def test_the_overview_shows_the_connection_and_counts(logged_in, provisioning, settings):
     page = logged_in.get("/")
     last_call = text_of(page, "last-call")
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z with token entra", last_call)
+    assert DATETIME.fullmatch(last_call.split()[0]) and last_call.split(" ", 1)[1] == "with token entra"
     # 14 requests (2 of them reads, 4 failed), all within the last minute or so.
     assert text_of(page, "last-hour") == "14 requests, 4 errors"
     assert text_of(page, "last-day") == "14 requests, 4 errors"
     assert text_of(page, "users") == "2 active, 1 inactive"
     assert text_of(page, "groups") == "1"
     assert text_of(page, "tenant-url") == settings.base_url
-    errors = [text(item) for item in re.findall(r"<li>(.*?)</li>", page.text, re.S)]
+    errors = latest_errors(page)
     details = provisioning["errors"]
     assert len(errors) == 4
-    assert errors[0].endswith("POST User : 409 uniqueness " + details[409]["detail"])
+    assert errors[0].endswith("POST User ALICE@example.com: 409 uniqueness " + details[409]["detail"])
     assert errors[1].endswith("POST User : 400 %s %s" % (details[400]["scimType"], details[400]["detail"]))
     assert errors[2].endswith("GET User no-such-id: 404 " + details[404]["detail"])
     assert errors[3].endswith("POST User : 401 " + details[401]["detail"])
@@ -886,3 +902,31 @@ def test_the_scim_listener_has_no_admin_paths(client, store, method, path):
     assert_scim_error(response, 404)
     assert "Content-Security-Policy" not in response.headers
     assert count(store, "SELECT count(*) FROM tokens") == 1
+
+
+def test_a_token_with_the_longest_name_can_be_rotated(logged_in, store):
+    name = "n" * scim_appliance.MAX_TOKEN_NAME
+    assert shown_token(submit(logged_in, "/tokens", {"name": name}, 201))
+    page = submit(logged_in, "/tokens/rotate", {"name": name}, 201)
+    assert shown_token(page)
+    names = [t["name"] for t in scim_appliance.list_tokens(store)]
+    rotated = name[:scim_appliance.MAX_TOKEN_NAME - len(" (rotated 2)")] + " (rotated 2)"
+    assert names[-1] == rotated and len(rotated) == scim_appliance.MAX_TOKEN_NAME
+    assert shown_token(submit(logged_in, "/tokens/rotate", {"name": rotated}, 201))
+    assert scim_appliance.list_tokens(store)[-1]["name"].endswith(" (rotated 3)")
+
+
+def test_anonymous_sessions_never_push_out_a_logged_in_one():
+    """Anyone who reaches the port can open anonymous sessions (GET /login);
+    past the limit those go first, never an admin's."""
+    sessions = scim_appliance.AdminSessions(limit=5)
+    admin_id, _ = sessions.new(logged_in=True)
+    for _ in range(50):
+        sessions.new()
+    assert sessions.get(admin_id) is not None and sessions.get(admin_id).logged_in
+    others = [sessions.new(logged_in=True)[0] for _ in range(4)]
+    assert all(sessions.get(other) is not None for other in others)
+    # Full of admins: a new visitor still gets a session; the oldest of all goes.
+    newest_anonymous, _ = sessions.new()
+    assert sessions.get(newest_anonymous) is not None and sessions.get(admin_id) is None
+    assert all(sessions.get(other) is not None for other in others)

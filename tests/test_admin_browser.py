@@ -11,7 +11,6 @@ and the activity log are kept in tests/artifacts/ (or $SCIM_TEST_ARTIFACTS).
 
 import os
 import re
-import shutil
 import tempfile
 
 import pytest
