@@ -128,6 +128,8 @@ class Settings:
     admin_port: int = 8081                 # admin page port
     activity_days: int = 30                # the activity log keeps this many days ...
     activity_max_rows: int = 100000        # ... and at most this many rows
+    log_format: str = "plain"              # access log lines: plain or json
+    log_file: str = ""                     # access log file; "" = stderr
 
     @property
     def base_url(self):
@@ -155,6 +157,12 @@ def durability_mode(value):
     if value.lower() not in ("full", "normal"):
         raise ValueError("durability must be full or normal, not %r" % value)
     return value.lower()
+
+
+def log_format(value):
+    if value not in ("plain", "json"):
+        raise ValueError("the log format is plain or json")
+    return value
 
 
 def utc_now():
@@ -3078,6 +3086,18 @@ def provisioning_status(store, now=None):
     return status
 
 
+def database_figures(store):
+    """For /metrics: user and group counts, each live token's last use, and
+    the size of the database files."""
+    with store.read() as tx:
+        figures = tx.resource_counts()
+        figures["last_used"] = [(token["name"], token["last_used"]) for token in tx.list_tokens()
+                                if token["last_used"] and not token["revoked"]]
+    figures["bytes"] = {part: os.path.getsize(store.path + suffix) for part, suffix in (("db", ""), ("wal", "-wal"))
+                        if os.path.exists(store.path + suffix)}
+    return figures
+
+
 def search_activity(store, text=None, failed=None, limit=ACTIVITY_PAGE_ROWS):
     with store.read() as tx:
         return tx.search_activity(text, failed, limit)
@@ -3097,8 +3117,9 @@ class ActivityLog:
     pruned every ACTIVITY_PRUNE_SECONDS.
     """
 
-    def __init__(self, store, retention_days=30, max_rows=100000, clock=time.monotonic):
+    def __init__(self, store, retention_days=30, max_rows=100000, clock=time.monotonic, companions=()):
         self.store = store
+        self.companions = list(companions)   # other buffers written on the same beat (the access log)
         self.retention_days = retention_days
         self.max_rows = max_rows
         self.clock = clock
@@ -3169,6 +3190,8 @@ class ActivityLog:
         """Flush from a background thread until `stop`."""
         def run():
             while not self._stop.wait(ACTIVITY_FLUSH_SECONDS):
+                for companion in self.companions:
+                    companion.flush()
                 try:
                     self.flush()
                 except sqlite3.Error as exc:
@@ -3180,6 +3203,8 @@ class ActivityLog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        for companion in self.companions:
+            companion.flush()
         try:
             self.flush()
         except sqlite3.Error as exc:
@@ -3356,6 +3381,99 @@ def _summarize_change(op, path, value, has_value):
     if op == "remove":
         return "%s removed" % name
     return "%s %s" % (op, name)
+
+
+def route_label(segments):
+    """The route a request took, for metrics and logs: /Users/{id}, never the id."""
+    if segments is None:
+        return "other"
+    if not segments:
+        return "/"
+    if len(segments) == 2 and segments[1] != ".search":
+        return "/%s/{id}" % segments[0] if segments[0] in ("Users", "Groups", "Schemas", "ResourceTypes") \
+            else "/%s/..." % segments[0]
+    return "/" + "/".join(segments) if len(segments) <= 2 else "/%s/..." % segments[0]
+
+
+def logged_path(environ):
+    """The request path with the query's parameter names but not their
+    values: a filter names the user it looks for, and that stays out of logs."""
+    path = environ.get("PATH_INFO", "")
+    query = environ.get("QUERY_STRING", "")
+    if not query:
+        return path
+    names = [part.split("=", 1)[0] for part in query.split("&") if part]
+    return path + "?" + "&".join(names)
+
+
+class RequestMetrics:
+    """Counters for /metrics (Prometheus text format): requests by method,
+    route and status, and a histogram of how long the SCIM layer took."""
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = {}                           # (method, route, status) -> count
+        self.buckets = [0] * (len(self.BUCKETS) + 1)  # the last one is +Inf
+        self.duration_sum = 0.0
+        self.started = time.time()
+
+    def record(self, method, route, status, seconds):
+        slot = next((k for k, bound in enumerate(self.BUCKETS) if seconds <= bound), len(self.BUCKETS))
+        key = (method if method in HTTP_METHODS else "other", route, status)
+        with self._lock:
+            self.requests[key] = self.requests.get(key, 0) + 1
+            self.buckets[slot] += 1
+            self.duration_sum += seconds
+
+    def snapshot(self):
+        with self._lock:
+            return dict(self.requests), list(self.buckets), self.duration_sum
+
+
+class AccessLog:
+    """One line per SCIM request: time, client, method, path (query values
+    left out), status, milliseconds, token name (never the token).
+
+    `plain` or `json` lines, to stderr or a file. Lines are buffered and
+    written at most every ACTIVITY_FLUSH_SECONDS (and at shutdown), so a
+    request never waits for the log's disk or pipe.
+    """
+
+    def __init__(self, form="plain", stream=None):
+        self.form = form
+        self.stream = stream or sys.stderr
+        self._lines = []
+        self._lock = threading.Lock()
+
+    def record(self, environ, status, seconds):
+        entry = (time.time(), environ.get("REMOTE_ADDR", "-"), environ.get("REQUEST_METHOD", "-"),
+                 logged_path(environ), status, seconds, environ.get(TOKEN_NAME_KEY))
+        with self._lock:
+            self._lines.append(entry)   # formatted when written, off the request's path
+
+    def format(self, entry):
+        moment, client, method, path, status, seconds, token = entry
+        if self.form == "json":
+            return json.dumps({"time": utc_text(moment), "client": client, "method": method, "path": path,
+                               "status": status, "duration_ms": round(seconds * 1000, 2), "token": token},
+                              ensure_ascii=False) + "\n"
+        # The path is as the server decoded it: quotes and control characters
+        # escaped so that one line stays one line.
+        return '%s %s "%s %s" %d %.1fms token=%s\n' % (
+            utc_text(moment), client, method, json.dumps(path, ensure_ascii=False)[1:-1], status, seconds * 1000,
+            json.dumps(token, ensure_ascii=False) if token else "-")
+
+    def flush(self):
+        with self._lock:
+            lines, self._lines = self._lines, []
+        if lines:
+            try:
+                self.stream.write("".join(self.format(entry) for entry in lines))
+                self.stream.flush()
+            except (OSError, ValueError) as exc:   # a full disk must not take the server down
+                print("scim-appliance: access log not written: %s" % exc, file=sys.__stderr__)
 
 
 def request_header(environ, name):
@@ -3604,10 +3722,11 @@ def _list_of(resources):
             "startIndex": 1, "itemsPerPage": len(resources)}
 
 
-def make_scim_app(store, settings, activity=None):
-    """The SCIM service as a WSGI application, mounted at /scim; each
-    request is counted in `activity` (an ActivityLog), and every write and
-    every failure is described there."""
+def make_scim_app(store, settings, activity=None, metrics=None, access_log=None):
+    """The SCIM service as a WSGI application, mounted at /scim. Each
+    request is counted in `activity` (an ActivityLog), which describes every
+    write and every failure, in `metrics` (RequestMetrics), and gets a line
+    in `access_log` (AccessLog)."""
     base_url = settings.base_url
     check_token = TokenCheck(store)
     throttle = AuthThrottle()
@@ -3825,6 +3944,7 @@ def make_scim_app(store, settings, activity=None):
         described in the activity log."""
         if environ.get("PATH_INFO") == "/healthz":   # outside /scim, not counted: probes are not Entra
             return health(environ)
+        started = time.monotonic()
         error = None
         segments = None
         try:
@@ -3842,6 +3962,11 @@ def make_scim_app(store, settings, activity=None):
             response = error_response(error)
         if activity is not None:
             activity.record(response.status, activity_entry(environ, segments, response.status, error))
+        seconds = time.monotonic() - started
+        if metrics is not None:
+            metrics.record(environ.get("REQUEST_METHOD", ""), route_label(segments), response.status, seconds)
+        if access_log is not None:
+            access_log.record(environ, response.status, seconds)
         return response
 
     def scim_wsgi(environ, start_response):
@@ -4171,9 +4296,53 @@ started (in its console or log), and choose the password for this page.</p>
 }
 
 
-def make_admin_app(store, settings, activity, setup_code=None):
+def _label(value):
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return '"%s"' % str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus_text(metrics, store, now=None):
+    """/metrics in the Prometheus text exposition format (version 0.0.4)."""
+    now = time.time() if now is None else now
+    requests, buckets, duration_sum = metrics.snapshot()
+    lines = ["# HELP scim_requests_total SCIM requests answered, by method, route and status.",
+             "# TYPE scim_requests_total counter"]
+    for (method, route, status), count in sorted(requests.items()):
+        lines.append("scim_requests_total{method=%s,route=%s,status=%s} %d"
+                     % (_label(method), _label(route), _label(status), count))
+    lines += ["# HELP scim_request_duration_seconds Time the SCIM layer took to answer a request.",
+              "# TYPE scim_request_duration_seconds histogram"]
+    cumulative = 0
+    for bound, count in zip(list(RequestMetrics.BUCKETS) + ["+Inf"], buckets):
+        cumulative += count
+        lines.append("scim_request_duration_seconds_bucket{le=%s} %d" % (_label(bound), cumulative))
+    lines += ["scim_request_duration_seconds_sum %.6f" % duration_sum,
+              "scim_request_duration_seconds_count %d" % cumulative]
+    figures = database_figures(store)
+    lines += ["# HELP scim_users Users stored, by active.", "# TYPE scim_users gauge",
+              "scim_users{active=\"true\"} %d" % figures["active_users"],
+              "scim_users{active=\"false\"} %d" % figures["inactive_users"],
+              "# HELP scim_groups Groups stored.", "# TYPE scim_groups gauge",
+              "scim_groups %d" % figures["groups"],
+              "# HELP scim_token_last_used_age_seconds Seconds since each live token was last used "
+              "(recorded at most once a minute).",
+              "# TYPE scim_token_last_used_age_seconds gauge"]
+    for name, last_used in figures["last_used"]:
+        used = datetime.datetime.strptime(last_used, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc)
+        lines.append("scim_token_last_used_age_seconds{token=%s} %.3f" % (_label(name), now - used.timestamp()))
+    lines += ["# HELP scim_database_bytes Size of the database files.", "# TYPE scim_database_bytes gauge"]
+    for part, size in sorted(figures["bytes"].items()):
+        lines.append("scim_database_bytes{file=%s} %d" % (_label(part), size))
+    lines += ["# HELP scim_process_start_time_seconds When the server started (Unix time).",
+              "# TYPE scim_process_start_time_seconds gauge",
+              "scim_process_start_time_seconds %.3f" % metrics.started]
+    return "\n".join(lines) + "\n"
+
+
+def make_admin_app(store, settings, activity, setup_code=None, metrics=None):
     """The admin page as a WSGI application. `setup_code` is the one-time
-    code printed at start when no admin password existed."""
+    code printed at start when no admin password existed; `metrics` (the
+    SCIM app's RequestMetrics) are served at /metrics."""
     app = bottle.Bottle()
     app.config["catchall"] = False
     sessions = AdminSessions()
@@ -4366,6 +4535,15 @@ def make_admin_app(store, settings, activity, setup_code=None):
                       entries=search_activity(store, query or None, failed),
                       retention_days=activity.retention_days)
 
+    @app.get("/metrics")
+    def prometheus():
+        # For a Prometheus on this machine: the listener is loopback only,
+        # and what it shows is counts, never names of users or tokens' secrets.
+        if metrics is None:
+            raise bottle.HTTPError(404, "There is no such page here.")
+        bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        return prometheus_text(metrics, store)
+
     @app.get("/static/<path:path>")
     def static(path):
         return bottle.static_file(path, root=STATIC_DIR)
@@ -4419,6 +4597,10 @@ SETTINGS_TABLE = (
      "days the activity log keeps"),
     ("activity_max_rows", "--activity-max-rows", "SCIM_APPLIANCE_ACTIVITY_MAX_ROWS", int,
      "rows the activity log keeps at most"),
+    ("log_format", "--log-format", "SCIM_APPLIANCE_LOG_FORMAT", log_format,
+     "access log lines: plain or json (one object per line)"),
+    ("log_file", "--log-file", "SCIM_APPLIANCE_LOG_FILE", str, "append the access log to this file "
+                                                                 "(default: stderr)"),
 )
 
 
@@ -4475,6 +4657,15 @@ def build_parser():
     _add_setting(export, "public_url")
     for sub in (backup, restore, check, export):
         _add_setting(sub, "db")
+    config = commands.add_parser("print-config", help="print a ready, commented nginx or Caddy "
+                                                      "configuration, or systemd unit")
+    config.add_argument("kind", choices=sorted(CONFIG_TEMPLATES))
+    for field in ("public_url", "db", "host", "port", "admin_host", "admin_port"):
+        _add_setting(config, field)
+    config.add_argument("--user", default="scim-appliance", help="the service's system user (systemd)")
+    config.add_argument("--https-port", type=int, default=443, help="the port nginx listens on for HTTPS")
+    config.add_argument("--cert", help="TLS certificate chain for nginx (default /etc/ssl/certs/HOST.pem)")
+    config.add_argument("--key", help="its private key (default /etc/ssl/private/HOST.key)")
     admin = commands.add_parser("admin", help="manage the admin page")
     admin_commands = admin.add_subparsers(dest="admin_command", metavar="ACTION", required=True)
     set_password = admin_commands.add_parser(
@@ -4578,10 +4769,19 @@ def serve(settings, out=sys.stdout):
     except BaseException:
         lock.release()
         raise
-    activity = ActivityLog(store, settings.activity_days, settings.activity_max_rows)
+    try:
+        log_stream = open(settings.log_file, "a", encoding="utf-8") if settings.log_file else sys.stderr
+    except OSError as exc:
+        store.close()
+        lock.release()
+        raise SystemExit("scim-appliance: cannot write the log file %s: %s" % (settings.log_file,
+                                                                             exc.strerror or exc))
+    access_log = AccessLog(settings.log_format, log_stream)
+    metrics = RequestMetrics()
+    activity = ActivityLog(store, settings.activity_days, settings.activity_max_rows, companions=[access_log])
     setup_code = None if has_admin_password(store) else generate_setup_code()
-    app = make_scim_app(store, settings, activity)
-    admin_app = make_admin_app(store, settings, activity, setup_code)
+    app = make_scim_app(store, settings, activity, metrics, access_log)
+    admin_app = make_admin_app(store, settings, activity, setup_code, metrics)
     proxy = {}
     if settings.trusted_proxy:
         # waitress rewrites REMOTE_ADDR from X-Forwarded-For, but only for
@@ -4656,6 +4856,8 @@ def serve(settings, out=sys.stdout):
             print("scim-appliance: WAL checkpoint failed: %s" % exc, file=sys.stderr)
         store.close()
         lock.release()
+        if log_stream is not sys.stderr:
+            log_stream.close()
         print("scim-appliance stopped%s" % ("" if finished else " (some requests were still running after %d s)"
                                             % SHUTDOWN_GRACE_SECONDS), file=out)
 
@@ -4671,6 +4873,132 @@ def _drain(socket_map, deadline):
             return True
         waitress.wasyncore.loop(timeout=0.05, map=socket_map, count=1)
     return False
+
+
+# -- print-config: ready configurations for the reverse proxy and systemd -------
+
+NGINX_TEMPLATE = """\
+# scim-appliance behind nginx, from `scim_appliance.py print-config nginx`.
+# Put it in /etc/nginx/conf.d/ (or sites-enabled/) and reload nginx. Start the
+# appliance with --public-url {public_url} --trusted-proxy 127.0.0.1.
+server {{
+    listen {https_port} ssl;
+    listen [::]:{https_port} ssl;
+    server_name {server_name};
+
+    # Entra calls only HTTPS with a publicly trusted certificate, TLS 1.2 or newer.
+    ssl_certificate     {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+
+    # The appliance refuses bodies over its own limit with a SCIM 413; this is a backstop.
+    client_max_body_size 4m;
+
+    # Published: the SCIM API and the health check. Never the admin page
+    # ({admin_host}:{admin_port}): reach that over SSH.
+    location /scim {{
+        proxy_pass http://{host}:{port};
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        # Set, not appended: a client cannot put its own address in front.
+        proxy_set_header X-Forwarded-For $remote_addr;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_set_header X-Forwarded-Host "";
+        proxy_set_header Forwarded "";
+        proxy_read_timeout 120s;
+    }}
+    location = /healthz {{
+        proxy_pass http://{host}:{port};
+    }}
+    location / {{
+        return 404;
+    }}
+}}
+"""
+
+CADDY_TEMPLATE = """\
+# scim-appliance behind Caddy, from `scim_appliance.py print-config caddy`.
+# Caddy obtains and renews a publicly trusted certificate for {server_name}
+# itself (ports 80 and 443 must reach it). Start the appliance with
+# --public-url {public_url} --trusted-proxy 127.0.0.1.
+{server_name} {{
+    tls {{
+        protocols tls1.2 tls1.3
+    }}
+    # Published: the SCIM API and the health check. Never the admin page
+    # ({admin_host}:{admin_port}): reach that over SSH.
+    handle /scim* {{
+        reverse_proxy {host}:{port} {{
+            header_up X-Forwarded-For {{remote_host}}
+            header_up -X-Forwarded-Host
+            header_up -Forwarded
+        }}
+    }}
+    handle /healthz {{
+        reverse_proxy {host}:{port}
+    }}
+    handle {{
+        respond 404
+    }}
+}}
+"""
+
+SYSTEMD_TEMPLATE = """\
+# scim-appliance as a systemd service, from `scim_appliance.py print-config systemd`.
+# Save as /etc/systemd/system/scim-appliance.service, then:
+#   useradd --system --home {data_dir} --shell /usr/sbin/nologin {user}
+#   install -d -o {user} -g {user} -m 700 {data_dir}
+#   systemctl daemon-reload && systemctl enable --now scim-appliance
+[Unit]
+Description=scim-appliance: SCIM 2.0 server for Microsoft Entra ID provisioning
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+User={user}
+Group={user}
+WorkingDirectory={data_dir}
+ExecStart={python} {script} serve --db {db} --host {host} --port {port} \\
+    --public-url {public_url} --trusted-proxy 127.0.0.1 --admin-host {admin_host} --admin-port {admin_port}
+# SIGTERM: stop accepting, finish the requests in flight, checkpoint the WAL.
+KillSignal=SIGTERM
+TimeoutStopSec=30
+Restart=on-failure
+RestartSec=2
+UMask=0077
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths={data_dir}
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectControlGroups=yes
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+LockPersonality=yes
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+CONFIG_TEMPLATES = {"nginx": NGINX_TEMPLATE, "caddy": CADDY_TEMPLATE, "systemd": SYSTEMD_TEMPLATE}
+
+
+def render_config(kind, settings, user="scim-appliance", https_port=443, cert=None, key=None):
+    """The text of one ready configuration for these settings."""
+    if not settings.public_url.startswith("https://"):
+        raise ValueError("print-config needs --public-url https://...: Entra calls only HTTPS")
+    server_name = urllib.parse.urlsplit(settings.public_url).hostname
+    db = os.path.abspath(settings.db)
+    return CONFIG_TEMPLATES[kind].format(
+        public_url=settings.public_url.rstrip("/"), server_name=server_name, https_port=https_port,
+        cert=cert or "/etc/ssl/certs/%s.pem" % server_name, key=key or "/etc/ssl/private/%s.key" % server_name,
+        host=_url_host(settings.host), port=settings.port, admin_host=settings.admin_host,
+        admin_port=settings.admin_port, user=user, db=db, data_dir=os.path.dirname(db),
+        python=sys.executable, script=os.path.abspath(__file__))
 
 
 class ServerLock:
@@ -4712,6 +5040,11 @@ def main(argv=None):
             _positive(args.max_body_bytes, "--max-body-bytes")
             settings = Settings(**{field: getattr(args, field) for field, *_ in SETTINGS_TABLE})
             serve(settings)
+            return 0
+        if args.command == "print-config":
+            settings = Settings(**{field: getattr(args, field) for field in (
+                "public_url", "db", "host", "port", "admin_host", "admin_port")})
+            sys.stdout.write(render_config(args.kind, settings, args.user, args.https_port, args.cert, args.key))
             return 0
         if args.command == "check":
             version, problems = check_database(args.db)

@@ -207,6 +207,13 @@ class LiveServer:
         self.port = free_port()
         if "--admin-port" not in extra_args:
             extra_args = ["--admin-port", str(free_port())] + list(extra_args)
+        if "--log-file" not in extra_args:
+            # The access log (a line per request) in a file: a pipe nobody
+            # reads until the end would fill up and stall the server.
+            self.log_file = db_path + ".access.log"
+            extra_args = ["--log-file", self.log_file] + list(extra_args)
+        else:
+            self.log_file = extra_args[list(extra_args).index("--log-file") + 1]
         self.admin_port = int(extra_args[list(extra_args).index("--admin-port") + 1])
         full_env = dict(os.environ)
         full_env.update(env or {})
@@ -242,6 +249,9 @@ class LiveServer:
         return http_json(method, self.url + path, body, token if token is not None else self.token, headers)
 
     def stop(self):
+        """Stop the server (once; later calls give the same output): its stdout + stderr."""
+        if getattr(self, "output", None) is not None:
+            return self.output
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -249,10 +259,10 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        output = self.process.stdout.read() + self.process.stderr.read()
+        self.output = self.process.stdout.read() + self.process.stderr.read()
         self.process.stdout.close()
         self.process.stderr.close()
-        return output
+        return self.output
 
 
 @pytest.fixture
