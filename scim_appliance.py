@@ -3039,15 +3039,21 @@ def check_database(path):
     return version, problems
 
 
-def restore_database(store, source):
-    """Replace the database's whole content with a backup's, in one
-    transaction, then carry it forward to this version's schema. The
-    caller holds the server lock: no server is using the database."""
+def check_backup(source):
+    """Refuse, before anything is touched, a file that cannot be restored:
+    no database, damaged, not the appliance's, or from a newer version."""
     version, problems = check_database(source)
     if problems:
         raise DatabaseError("%s fails SQLite's integrity check: %s" % (source, "; ".join(problems[:3])))
     if version == 0:
         raise DatabaseError("%s is not a scim-appliance database" % source)
+
+
+def restore_database(store, source):
+    """Replace the database's whole content with a backup's, in one
+    transaction, then carry it forward to this version's schema. The
+    caller holds the server lock: no server is using the database."""
+    check_backup(source)
     store.restore_from(source)
     store.migrate()
 
@@ -5060,7 +5066,7 @@ def main(argv=None):
             if not lock.acquire():
                 raise DatabaseError("a server is using %s: stop it before restoring" % args.db)
             try:
-                check_database(args.source)   # before Store() creates or migrates anything
+                check_backup(args.source)   # before Store() creates or migrates anything
                 store = Store(args.db)
                 try:
                     restore_database(store, args.source)
@@ -5070,6 +5076,8 @@ def main(argv=None):
                 lock.release()
             print("restored %s from %s" % (args.db, args.source), file=sys.stderr)
             return 0
+        if args.command in ("backup", "export") and not os.path.exists(args.db):
+            raise DatabaseError("%s does not exist" % args.db)   # a mistyped path is no empty directory
         store = Store(args.db)
         try:
             if args.command == "backup":
