@@ -3390,15 +3390,16 @@ def _summarize_change(op, path, value, has_value):
 
 
 def route_label(segments):
-    """The route a request took, for metrics and logs: /Users/{id}, never the id."""
-    if segments is None:
+    """The route a request took, for metrics: /Users/{id}, never an id; any
+    path that is no endpoint is "other", so labels stay few whatever
+    clients send."""
+    if segments is None or (segments and segments[0] not in _RESOURCE_SEGMENTS.values()):
         return "other"
     if not segments:
         return "/"
-    if len(segments) == 2 and segments[1] != ".search":
-        return "/%s/{id}" % segments[0] if segments[0] in ("Users", "Groups", "Schemas", "ResourceTypes") \
-            else "/%s/..." % segments[0]
-    return "/" + "/".join(segments) if len(segments) <= 2 else "/%s/..." % segments[0]
+    if len(segments) == 1 or segments[1:] == (".search",):
+        return "/" + "/".join(segments)
+    return "/%s/%s" % (segments[0], "{id}" if len(segments) == 2 else "...")
 
 
 def logged_path(environ):

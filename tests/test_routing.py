@@ -225,3 +225,14 @@ def test_an_unrecognised_method_is_a_scim_501(client, db, user, method):
     assert_scim_error(response, 501)
     assert "Allow" not in response.headers
     assert snapshot(db) == before
+
+
+@pytest.mark.parametrize("path, route", [
+    ("/scim", "/"), ("/scim/Users", "/Users"), ("/scim/users/", "/Users"), ("/scim/Users/abc", "/Users/{id}"),
+    ("/scim/Groups/.search", "/Groups/.search"), ("/scim/.search", "/.search"),
+    ("/scim/Schemas/urn:ietf:params:scim:schemas:core:2.0:User", "/Schemas/{id}"), ("/scim/Me/a/b", "/Me/..."),
+    ("/scim/no-such-endpoint-4711", "other"), ("/scim/x/y", "other"), ("/elsewhere", "other"),
+])
+def test_metrics_name_routes_never_ids_or_made_up_paths(path, route):
+    """Metric labels stay a small fixed set whatever paths clients send."""
+    assert scim_appliance.route_label(scim_appliance._scim_segments(path)) == route
