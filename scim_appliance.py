@@ -67,6 +67,7 @@ DEFAULT_PAGE_SIZE = 100            # resources per page when `count` is absent
 MAX_PAGE_SIZE = 1000               # `count` above this is capped (RFC 7644 §3.4.2.4)
 MAX_OPERATIONS = 1000              # operations in one PATCH request
 MAX_MEMBERS = 10000                # members named in one request (POST, PUT or PATCH)
+STOP_CHECK_SECONDS = 0.5           # the event loop looks at the stop flag at least this often
 SHUTDOWN_GRACE_SECONDS = 20        # after SIGTERM, requests already received may finish this long
 QUEUE_WARNING_INTERVAL = 60        # waitress's "Task queue depth" warning: at most one a minute
 MIN_ADMIN_PASSWORD = 12            # characters
@@ -3405,7 +3406,7 @@ def route_label(segments):
 def logged_path(environ):
     """The request path with the query's parameter names but not their
     values: a filter names the user it looks for, and that stays out of logs."""
-    path = environ.get("PATH_INFO", "")
+    path = environ.get("PATH_INFO", "").encode("latin-1", "replace").decode("utf-8", "replace")
     query = environ.get("QUERY_STRING", "")
     if not query:
         return path
@@ -4759,6 +4760,14 @@ class RateLimitedLog(logging.Filter):
 def serve(settings, out=sys.stdout):
     """Run the SCIM listener and the admin page until SIGTERM or Ctrl-C."""
     import waitress.server
+    import waitress.wasyncore
+
+    # SIGTERM and Ctrl-C only raise a flag, from the first moment: the event
+    # loop below looks at it between events, so a stop never lands in the
+    # middle of waitress's bookkeeping, and never before the cleanup is armed.
+    stopping = threading.Event()
+    previous = {number: signal.signal(number, lambda signum, frame: stopping.set())
+                for number in (signal.SIGTERM, signal.SIGINT)}
 
     queue_log = logging.getLogger("waitress.queue")
     if not any(isinstance(f, RateLimitedLog) for f in queue_log.filters):
@@ -4838,15 +4847,13 @@ def serve(settings, out=sys.stdout):
     print("SCIM endpoint: %s" % settings.base_url, file=out)
     out.flush()
 
-    def stop(signum, frame):
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    activity.start()
     try:
-        server.run()   # serves both listeners: they share the socket map
-    except (KeyboardInterrupt, SystemExit):
-        pass
+        activity.start()
+        # Both listeners share this socket map. (waitress's own run() would
+        # cancel the requests still queued for a worker on the way out.)
+        while not stopping.is_set():
+            waitress.wasyncore.loop(timeout=STOP_CHECK_SECONDS, map=server._map,
+                                    use_poll=server.adj.asyncore_use_poll, count=1)
     finally:
         # Graceful: stop accepting, let the requests already received finish
         # and their responses go out, then write the log and fold the WAL
@@ -4865,6 +4872,8 @@ def serve(settings, out=sys.stdout):
         lock.release()
         if log_stream is not sys.stderr:
             log_stream.close()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         print("scim-appliance stopped%s" % ("" if finished else " (some requests were still running after %d s)"
                                             % SHUTDOWN_GRACE_SECONDS), file=out)
 

@@ -63,9 +63,16 @@ def submit(driver, form_selector, **fields):
         field = form.find_element(By.NAME, name)
         field.clear()
         field.send_keys(value)
+    click_and_wait(driver, form.find_element(By.CSS_SELECTOR, "button[type=submit]"))
+
+
+def click_and_wait(driver, element):
+    """Click something that loads a new page, and wait until that page is
+    complete (so no later lookup finds an element of the old one)."""
     old = driver.find_element(By.TAG_NAME, "html")
-    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    element.click()
     WebDriverWait(driver, 20).until(expected_conditions.staleness_of(old))
+    WebDriverWait(driver, 20).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
 def policy_violations(driver):
@@ -92,8 +99,8 @@ def test_first_session_setup_token_activity_revocation(tmp_path, browser):
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
 
         # Generate a token and read it off the page, where it is shown once.
-        driver.find_element(By.LINK_TEXT, "Tokens").click()
-        WebDriverWait(driver, 20).until(expected_conditions.url_to_be(admin + "/tokens"))
+        click_and_wait(driver, driver.find_element(By.LINK_TEXT, "Tokens"))
+        assert driver.current_url == admin + "/tokens"
         submit(driver, "form[action='/tokens']", name="entra")
         token = driver.find_element(By.ID, "new-token").text
         assert token.startswith("scimapp_") and len(token) > 40
@@ -131,9 +138,7 @@ def test_first_session_setup_token_activity_revocation(tmp_path, browser):
         # Revoke it: the next SCIM request is refused.
         row = next(r for r in driver.find_elements(By.CSS_SELECTOR, "#tokens tbody tr")
                    if r.find_element(By.CSS_SELECTOR, "td").text == "entra")
-        old = driver.find_element(By.TAG_NAME, "html")
-        row.find_element(By.CSS_SELECTOR, "form[action='/tokens/revoke'] button").click()
-        WebDriverWait(driver, 20).until(expected_conditions.staleness_of(old))
+        click_and_wait(driver, row.find_element(By.CSS_SELECTOR, "form[action='/tokens/revoke'] button"))
         assert "Revoked" in driver.find_element(By.CSS_SELECTOR, ".message").text
         assert "revoked" in driver.find_element(By.CSS_SELECTOR, "#tokens tbody").text
         status, _, error = server.request("GET", "/Users/" + created["id"], token=token)
