@@ -75,6 +75,7 @@ MAX_TOKEN_NAME = 100               # characters
 ADMIN_IDLE_SECONDS = 30 * 60       # an admin session ends after this long unused
 ADMIN_MAX_SESSIONS = 1000          # sessions kept (logged in or not); the oldest go first
 ACTIVITY_FLUSH_SECONDS = 1.0       # the activity log is written this often
+ACTIVITY_COUNTS_SECONDS = 60       # request counts alone are written this often (pages flush them)
 ACTIVITY_PRUNE_SECONDS = 600       # and pruned this often
 ACTIVITY_MAX_PENDING = 100000      # entries held while the database cannot be written
 ACTIVITY_PAGE_ROWS = 200           # rows the activity page shows
@@ -3135,6 +3136,7 @@ class ActivityLog:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._next_prune = None
+        self._next_counts = 0.0
         self._stop = threading.Event()
         self._thread = None
         self.dropped = 0
@@ -3153,12 +3155,19 @@ class ActivityLog:
                     self.dropped += 1
                 self._pending.append((now,) + tuple(entry))
 
-    def flush(self):
-        """Write what is pending; prune when it is time."""
+    def flush(self, counts_due=True):
+        """Write what is pending; prune when it is time. With `counts_due`
+        false (the background beat), counts alone wait for a minute: every
+        commit from this thread's connection makes the serving thread's
+        connection drop its page cache, and a read-only stream of Entra
+        lookups would otherwise pay for that every second."""
         with self._flush_lock:
             with self._lock:
+                if not self._pending and not counts_due and self.clock() < self._next_counts:
+                    return
                 pending, self._pending = self._pending, []
                 counts, self._counts = self._counts, {}
+            self._next_counts = self.clock() + ACTIVITY_COUNTS_SECONDS
             if pending or counts:
                 try:
                     self._write([(utc_text(row[0]),) + row[1:] for row in pending],
@@ -3200,7 +3209,7 @@ class ActivityLog:
                 for companion in self.companions:
                     companion.flush()
                 try:
-                    self.flush()
+                    self.flush(counts_due=False)
                 except sqlite3.Error as exc:
                     print("scim-appliance: activity log not written yet: %s" % exc, file=sys.stderr)
         self._thread = threading.Thread(target=run, name="activity-log", daemon=True)

@@ -930,3 +930,34 @@ def test_anonymous_sessions_never_push_out_a_logged_in_one():
     newest_anonymous, _ = sessions.new()
     assert sessions.get(newest_anonymous) is not None and sessions.get(admin_id) is None
     assert all(sessions.get(other) is not None for other in others)
+
+
+def test_the_background_beat_writes_counts_alone_once_a_minute(store):
+    """The background thread writes request counts alone at most once a
+    minute (each of its commits costs the serving connection its page cache);
+    entries go out at once, and a page's own flush writes everything."""
+    now = [0.0]
+    log = scim_appliance.ActivityLog(store, clock=lambda: now[0])
+
+    def stored_requests():
+        return count(store, "SELECT coalesce(sum(requests), 0) FROM request_counts")
+    log.record(200)
+    log.flush(counts_due=False)
+    assert stored_requests() == 1          # the first beat writes (nothing was written yet)
+    log.record(200)
+    now[0] += 30
+    log.flush(counts_due=False)
+    assert stored_requests() == 1          # counts alone wait
+    log.record(201, ("entra", "POST", "User", "id-1", "u@example.com", "create", 201, None, None))
+    log.flush(counts_due=False)
+    assert stored_requests() == 3 and count(store, "SELECT count(*) FROM activity") == 1
+    log.record(200)
+    now[0] += 59
+    log.flush(counts_due=False)
+    assert stored_requests() == 3
+    now[0] += 2
+    log.flush(counts_due=False)
+    assert stored_requests() == 4
+    log.record(200)
+    log.flush()                            # what the admin page calls
+    assert stored_requests() == 5
