@@ -117,9 +117,9 @@ class Settings:
     # a time, so more workers add no parallelism. They add hand-offs: CPython's
     # sqlite3 lets go of the GIL around every sqlite3_step, even a 2 us one,
     # and with other threads waiting each one costs context switches (a
-    # lookup: 6 switches and 0.47 ms CPU with 1 thread, 23 and 0.61 ms with 8,
-    # measured with wrk here). More threads only help where requests wait on
-    # a slow disk's fsync; `--threads` is there for that.
+    # lookup: 6 switches and 0.47-0.50 ms CPU with 1 thread, 23 and 0.57-0.61
+    # ms with 8, measured with wrk here). More threads only help where
+    # requests wait on a slow disk's fsync; `--threads` is there for that.
     threads: int = 1                       # waitress worker threads
     max_body_bytes: int = MAX_BODY_BYTES   # larger request bodies get 413
     durability: str = "full"               # full: fsync every commit; normal: may lose the last
