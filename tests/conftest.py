@@ -3,6 +3,7 @@ webtest (wrapped exactly as `serve` wraps it), and a real server process."""
 
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -274,3 +275,43 @@ def live_server(tmp_path):
     server.token = token
     yield server
     server.stop()
+
+
+# -- nginx, for the reverse-proxy tests ---------------------------------------------
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def self_signed_certificate(directory, host):
+    """(certificate, key) paths of a one-day self-signed certificate for `host`."""
+    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=%s" % host, "-addext", "subjectAltName=DNS:%s" % host,
+                    "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def nginx_config(directory, server_block):
+    """Write `server_block` (from `print-config nginx`) and a minimal nginx.conf
+    that includes it, with every path inside `directory`; returns nginx.conf's path."""
+    (directory / "scim-appliance.conf").write_text(server_block)
+    conf = directory / "nginx.conf"
+    conf.write_text("""
+%(user)s
+daemon off;
+worker_processes 1;
+pid %(dir)s/nginx.pid;
+error_log %(dir)s/error.log;
+events { worker_connections 64; }
+http {
+    access_log %(dir)s/access.log;
+    client_body_temp_path %(dir)s/body;
+    proxy_temp_path %(dir)s/proxy;
+    fastcgi_temp_path %(dir)s/fastcgi;
+    uwsgi_temp_path %(dir)s/uwsgi;
+    scgi_temp_path %(dir)s/scgi;
+    include %(dir)s/scim-appliance.conf;
+}
+""" % {"user": "user root;" if os.geteuid() == 0 else "", "dir": str(directory)})
+    return str(conf)
+

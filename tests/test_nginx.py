@@ -9,7 +9,6 @@ certificate is self-signed for localhost and trusted by this test only.
 import http.client
 import json
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -17,11 +16,8 @@ import time
 
 import pytest
 
-from conftest import free_port, LiveServer, run_cli
+from conftest import free_port, LiveServer, NGINX, nginx_config, run_cli, self_signed_certificate
 from scim_appliance import URN_GROUP, URN_PATCH, URN_USER
-
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-
 
 def wait_for_port(port, process, timeout=20):
     deadline = time.monotonic() + timeout
@@ -40,10 +36,7 @@ def proxied(tmp_path):
     """(https base URL, TLS context, the appliance, nginx's directory): the
     appliance on loopback, nginx in front of it on a free https port."""
     assert os.path.exists(NGINX), "the proxy test needs Debian's nginx: apt-get install nginx"
-    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost", "-keyout", key, "-out", cert],
-                   check=True, capture_output=True, timeout=60)
+    cert, key = self_signed_certificate(tmp_path, "localhost")
     https_port = free_port()
     public_url = "https://localhost:%d" % https_port
     db_path = str(tmp_path / "proxied.db")
@@ -55,25 +48,7 @@ def proxied(tmp_path):
                            "--cert", cert, "--key", key, "--db", db_path).stdout
     nginx_dir = tmp_path / "nginx"
     nginx_dir.mkdir()
-    (nginx_dir / "scim-appliance.conf").write_text(server_block)
-    (nginx_dir / "nginx.conf").write_text("""
-%s
-daemon off;
-worker_processes 1;
-pid %s/nginx.pid;
-error_log %s/error.log;
-events { worker_connections 64; }
-http {
-    access_log %s/access.log;
-    client_body_temp_path %s/body;
-    proxy_temp_path %s/proxy;
-    fastcgi_temp_path %s/fastcgi;
-    uwsgi_temp_path %s/uwsgi;
-    scgi_temp_path %s/scgi;
-    include %s/scim-appliance.conf;
-}
-""" % ((("user root;" if os.geteuid() == 0 else ""),) + (str(nginx_dir),) * 9))
-    nginx = subprocess.Popen([NGINX, "-p", str(nginx_dir), "-c", str(nginx_dir / "nginx.conf")],
+    nginx = subprocess.Popen([NGINX, "-p", str(nginx_dir), "-c", nginx_config(nginx_dir, server_block)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_for_port(https_port, nginx)

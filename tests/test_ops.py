@@ -29,12 +29,11 @@ import uuid
 import pytest
 
 import scim_appliance
-from conftest import ROOT, LiveServer, free_port, http_json, run_cli
+from conftest import free_port, http_json, LiveServer, NGINX, nginx_config, ROOT, run_cli, self_signed_certificate
 from scim_appliance import URN_GROUP, URN_USER
 
 SCRIPT = os.path.join(ROOT, "scim_appliance.py")
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-# systemd-analyze is part of the Debian image this suite runs on (here and in CI).
+# systemd-analyze: in the Debian image, and .ci/run installs systemd where it is missing.
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
 
 ALICE_FILTER = 'userName eq "alice@example.com"'
@@ -774,28 +773,10 @@ def test_print_config_nginx():
 
 
 def test_print_config_nginx_passes_nginx_t(tmp_path):
-    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-days", "1", "-subj", "/CN=scim.example.com", "-keyout", key, "-out", cert],
-                   check=True, capture_output=True, timeout=60)
-    (tmp_path / "scim-appliance.conf").write_text(print_config("nginx", "--cert", cert, "--key", key))
-    (tmp_path / "nginx.conf").write_text("""
-%s
-pid %s/nginx.pid;
-error_log %s/error.log;
-events { worker_connections 64; }
-http {
-    access_log %s/access.log;
-    client_body_temp_path %s/body;
-    proxy_temp_path %s/proxy;
-    fastcgi_temp_path %s/fastcgi;
-    uwsgi_temp_path %s/uwsgi;
-    scgi_temp_path %s/scgi;
-    include %s/scim-appliance.conf;
-}
-""" % ((("user root;" if os.geteuid() == 0 else ""),) + (str(tmp_path),) * 9))
-    result = subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"),
-                             "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True, timeout=30)
+    cert, key = self_signed_certificate(tmp_path, "scim.example.com")
+    conf = nginx_config(tmp_path, print_config("nginx", "--cert", cert, "--key", key))
+    result = subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", conf],
+                            capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
     assert "[warn]" not in result.stderr and "[emerg]" not in result.stderr, result.stderr
