@@ -4447,7 +4447,7 @@ def make_admin_app(store, settings, activity, setup_code=None, metrics=None):
             return render("setup", "First-time setup", session, 400, str(exc), "error",
                           min_length=MIN_ADMIN_PASSWORD)
         setup["digest"] = None   # used up
-        return log_in(session)
+        return log_in()
 
     @app.get("/login")
     def login_form():
@@ -4466,9 +4466,9 @@ def make_admin_app(store, settings, activity, setup_code=None, metrics=None):
         if not check_admin_password(store, bottle.request.forms.getunicode("password") or ""):
             throttle.record_failure(bottle.request.environ.get("REMOTE_ADDR", ""))
             return render("login", "Log in", session, 403, "Wrong password.", "error")
-        return log_in(session)
+        return log_in()
 
-    def log_in(anonymous):
+    def log_in():
         # A new id at login, so an id planted before it is worth nothing.
         sessions.end(bottle.request.get_cookie(SESSION_COOKIE))
         session_id, _ = sessions.new(logged_in=True)
