@@ -4500,46 +4500,45 @@ def make_admin_app(store, settings, activity, setup_code=None, metrics=None):
     def tokens():
         return tokens_page(logged_in_session())
 
-    @app.post("/tokens")
-    def generate():
+    def token_form(action):
+        """A POST of the tokens page: `action(form)` returns tokens_page's
+        keyword arguments; a ValueError it raises is shown as a 400."""
         session = logged_in_session()
         check_form(session)
-        form = bottle.request.forms
-        name = (form.getunicode("name") or "").strip()
-        days = (form.getunicode("expires_days") or "").strip()
         try:
+            return tokens_page(session, **action(bottle.request.forms))
+        except ValueError as exc:
+            return tokens_page(session, 400, str(exc), "error")
+
+    @app.post("/tokens")
+    def generate():
+        def action(form):
+            name = (form.getunicode("name") or "").strip()
+            days = (form.getunicode("expires_days") or "").strip()
             expires = None
             if days:
                 if not days.isdigit() or not 1 <= int(days) <= 3650:
                     raise ValueError("the expiry must be a whole number of days from 1 to 3650")
                 expires = (datetime.datetime.now(datetime.timezone.utc)
                            + datetime.timedelta(days=int(days))).strftime("%Y-%m-%dT%H:%M:%SZ")
-            token = create_token(store, name, expires)
-        except ValueError as exc:
-            return tokens_page(session, 400, str(exc), "error")
-        return tokens_page(session, 201, new_token=token, new_token_name=name)
+            return dict(http_status=201, new_token=create_token(store, name, expires), new_token_name=name)
+        return token_form(action)
 
     @app.post("/tokens/rotate")
     def rotate():
-        session = logged_in_session()
-        check_form(session)
-        name = bottle.request.forms.getunicode("name") or ""
-        try:
+        def action(form):
+            name = form.getunicode("name") or ""
             new_name, token = rotate_token(store, name)
-        except ValueError as exc:
-            return tokens_page(session, 400, str(exc), "error")
-        return tokens_page(session, 201, new_token=token, new_token_name=new_name, rotated_from=name)
+            return dict(http_status=201, new_token=token, new_token_name=new_name, rotated_from=name)
+        return token_form(action)
 
     @app.post("/tokens/revoke")
     def revoke():
-        session = logged_in_session()
-        check_form(session)
-        name = bottle.request.forms.getunicode("name") or ""
-        try:
+        def action(form):
+            name = form.getunicode("name") or ""
             revoke_token(store, name)
-        except ValueError as exc:
-            return tokens_page(session, 400, str(exc), "error")
-        return tokens_page(session, 200, "Revoked “%s”: requests with it now get 401." % name)
+            return dict(message="Revoked “%s”: requests with it now get 401." % name)
+        return token_form(action)
 
     @app.get("/activity")
     def activity_page():

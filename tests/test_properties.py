@@ -839,6 +839,16 @@ def test_user_name_classes_are_what_the_model_says():
         assert len({next(iter(k)) for k in keys.values()}) == len(classes)
 
 
+def user_body(name, display, active):
+    """(label, POST/PUT body) for the state machine's user rules; None leaves an attribute out."""
+    label, user_name = name
+    body = {"schemas": [URN_USER], "userName": user_name}
+    if display is not None:
+        body["displayName"] = display
+    if active is not None:
+        body["active"] = active
+    return label, body
+
 class ApiMachine(RuleBasedStateMachine):
     """Users, groups and memberships through webtest, next to plain dicts."""
 
@@ -878,12 +888,7 @@ class ApiMachine(RuleBasedStateMachine):
     @rule(target=users, name=st.sampled_from(USER_NAMES), display=st.sampled_from(DISPLAY_NAMES),
           active=st.sampled_from(ACTIVE_VALUES))
     def create_user(self, name, display, active):
-        label, user_name = name
-        body = {"schemas": [URN_USER], "userName": user_name}
-        if display is not None:
-            body["displayName"] = display
-        if active is not None:
-            body["active"] = active
+        label, body = user_body(name, display, active)
         response = self.client.post("/Users", body, status="*")
         hypothesis.event("create_user: %d" % response.status_int)
         if self._user_name_taken(label):
@@ -891,7 +896,7 @@ class ApiMachine(RuleBasedStateMachine):
             return multiple()
         assert response.status_int == 201, response.body
         user_id = response.json["id"]
-        self.model_users[user_id] = {"class": label, "userName": user_name, "displayName": display,
+        self.model_users[user_id] = {"class": label, "userName": body["userName"], "displayName": display,
                                      "active": as_bool(active)}
         self._check_user_body(response.json, user_id)
         self.created.append(user_id)
@@ -925,12 +930,7 @@ class ApiMachine(RuleBasedStateMachine):
     @rule(user=users, name=st.sampled_from(USER_NAMES), display=st.sampled_from(DISPLAY_NAMES),
           active=st.sampled_from(ACTIVE_VALUES))
     def put_user(self, user, name, display, active):
-        label, user_name = name
-        body = {"schemas": [URN_USER], "userName": user_name}
-        if display is not None:
-            body["displayName"] = display
-        if active is not None:
-            body["active"] = active
+        label, body = user_body(name, display, active)
         response = self.client.put("/Users/" + user, body, status="*")
         hypothesis.event("put_user: %d" % response.status_int)
         if user not in self.model_users:
@@ -940,7 +940,7 @@ class ApiMachine(RuleBasedStateMachine):
             assert_scim_error(response, 409, "uniqueness")
             return
         assert response.status_int == 200, response.body
-        self.model_users[user] = {"class": label, "userName": user_name, "displayName": display,
+        self.model_users[user] = {"class": label, "userName": body["userName"], "displayName": display,
                                   "active": as_bool(active)}
         self._check_user_body(response.json, user)
 
