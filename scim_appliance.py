@@ -21,6 +21,7 @@ Specifications: RFC 7643 (schema), RFC 7644 (protocol), and Microsoft's
 
 import argparse
 import base64
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -111,16 +112,18 @@ class Settings:
     host: str = "127.0.0.1"                # SCIM listener address
     port: int = 8080                       # SCIM listener port
     public_url: str = ""                   # e.g. https://scim.example.com; "" = http://host:port
-    # One worker thread. Waitress's main thread reads every request whole
-    # and sends every response from a buffer, so a worker never waits on the
-    # network; SQLite has one writer and the GIL runs one thread's Python at
-    # a time, so more workers add no parallelism. They add hand-offs: CPython's
-    # sqlite3 lets go of the GIL around every sqlite3_step, even a 2 us one,
-    # and with other threads waiting each one costs context switches (a
-    # lookup: 6 switches and 0.47-0.50 ms CPU with 1 thread, 23 and 0.57-0.61
-    # ms with 8, measured with wrk here). More threads only help where
-    # requests wait on a slow disk's fsync; `--threads` is there for that.
-    threads: int = 1                       # waitress worker threads
+    # 0: each request runs on waitress's event-loop thread, one at a time
+    # (EventLoopDispatcher, section 11). SQLite has one writer and the GIL
+    # runs one thread's Python at a time, so worker threads add no
+    # parallelism here; they add hand-offs. CPython's sqlite3 lets go of the
+    # GIL around every sqlite3_step and waitress's worker around every
+    # send(), and each time the event loop takes the GIL in between.
+    # Measured with wrk on this machine (100,000 users, 16 connections):
+    # a lookup took 0.55-0.62 ms of CPU and 7-8 context switches with one
+    # worker thread, 0.31-0.32 ms and 0.1 switches on the event loop.
+    # N > 0 runs requests on N waitress worker threads instead, which only
+    # helps where requests wait on a slow disk's fsync.
+    threads: int = 0                       # 0: on the event loop; N: N worker threads
     max_body_bytes: int = MAX_BODY_BYTES   # larger request bodies get 413
     durability: str = "full"               # full: fsync every commit; normal: may lose the last
     #                                        commits on power loss (never on a process crash)
@@ -176,6 +179,16 @@ def utc_text(seconds):
     """utc_now's form of a Unix time."""
     moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
+
+
+# Compact, strict JSON (no NaN/Infinity), UTF-8 left as it is: how documents
+# are stored and responses written. One encoder: json.dumps with options
+# builds a new one on every call.
+COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def json_text(value):
+    return COMPACT_JSON.encode(value)
 
 
 def fold(text):
@@ -1480,13 +1493,16 @@ def weak_etag(version):
     return "W/" + opaque_tag(version)
 
 
-def render_resource(resource_type, row, base_url, members=None, groups=None):
+def render_resource(resource_type, row, base_url, members=None, groups=None, document=None):
     """The SCIM representation of a stored row, every attribute in schema order.
 
     `members` (Group) and `groups` (User) come from the members table when the
-    response needs them; None leaves them out.
+    response needs them; None leaves them out. `document` is the row's
+    document already parsed (a write has it in hand); the resource shares
+    its values.
     """
-    document = json.loads(row["document"])
+    if document is None:
+        document = json.loads(row["document"])
     schemas = [resource_type.schema.id]
     resource = {"schemas": schemas, "id": row["id"]}
     if "externalId" in document:
@@ -2622,7 +2638,7 @@ def _row_for(resource_type, resource_id, document, now, version, created=None, p
     else:
         row.update(display_name=document["displayName"], display_name_key=fold(document["displayName"]))
     row.update(external_id=document.get("externalId"), last_modified=now, version=version,
-               document=json.dumps(document, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
+               document=json_text(document))
     if created is not None:
         row["created"] = created
     return row
@@ -2692,7 +2708,7 @@ def _apply_member_changes(tx, group_id, changes):
     return changed
 
 
-def _render_loaded(tx, resource_type, row, base_url, projection):
+def _render_loaded(tx, resource_type, row, base_url, projection, document=None):
     """Render one row, loading members or groups only when the response shows
     them and the row does not carry them already."""
     members = None
@@ -2701,7 +2717,7 @@ def _render_loaded(tx, resource_type, row, base_url, projection):
         members = tx.group_members(row["id"])
     if resource_type is USER and groups is None and projection.wants("groups"):
         groups = tx.groups_of([row["id"]])[row["id"]]
-    return projection.apply(render_resource(resource_type, row, base_url, members, groups))
+    return projection.apply(render_resource(resource_type, row, base_url, members, groups, document))
 
 
 def _read_resource_body(resource_type, body):
@@ -2726,7 +2742,8 @@ def create_resource(store, resource_type, body, base_url, projection=None):
             _add_members(tx, resource_id, members)
         # Rendered from what was just written: a new user is in no group yet.
         stored = dict(row, groups=[]) if resource_type is USER else row
-        return _render_loaded(tx, resource_type, stored, base_url, projection or Projection(resource_type))
+        return _render_loaded(tx, resource_type, stored, base_url, projection or Projection(resource_type),
+                              document)
 
 
 def get_resource(store, resource_type, resource_id, base_url, projection):
@@ -2806,7 +2823,7 @@ def replace_resource(store, resource_type, resource_id, body, base_url, if_match
             tx.clear_members(resource_id)
             _add_members(tx, resource_id, members)
         # Rendered from what was just written; a user's groups are unchanged.
-        return _render_loaded(tx, resource_type, dict(current, **row), base_url, projection)
+        return _render_loaded(tx, resource_type, dict(current, **row), base_url, projection, document)
 
 
 def patch_resource(store, resource_type, resource_id, operations, base_url, if_match=None, projection=None):
@@ -2831,7 +2848,7 @@ def patch_resource(store, resource_type, resource_id, operations, base_url, if_m
             current = dict(current, **row)   # what is stored now; a user's groups are unchanged
         if projection is None:
             return None
-        return _render_loaded(tx, resource_type, current, base_url, projection)
+        return _render_loaded(tx, resource_type, current, base_url, projection, document)
 
 
 def delete_resource(store, resource_type, resource_id, if_match=None):
@@ -3311,7 +3328,7 @@ class Response(typing.NamedTuple):
 
 
 def json_bytes(value):
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return json_text(value).encode("utf-8")
 
 
 def scim_response(status, body=None, headers=None):
@@ -4597,7 +4614,8 @@ SETTINGS_TABLE = (
     ("public_url", "--public-url", "SCIM_APPLIANCE_PUBLIC_URL", validate_public_url,
      "URL clients reach the appliance at, e.g. https://scim.example.com; meta.location and "
      "Location are built from it, never from request headers (default http://HOST:PORT)"),
-    ("threads", "--threads", "SCIM_APPLIANCE_THREADS", int, "worker threads"),
+    ("threads", "--threads", "SCIM_APPLIANCE_THREADS", int,
+     "0: SCIM requests run one at a time on the event loop (fastest); N: on N worker threads"),
     ("max_body_bytes", "--max-body-bytes", "SCIM_APPLIANCE_MAX_BODY_BYTES", int,
      "largest accepted request body in bytes"),
     ("durability", "--durability", "SCIM_APPLIANCE_DURABILITY", durability_mode,
@@ -4630,12 +4648,16 @@ def _add_setting(parser, field):
         except ValueError as exc:
             parser.error("%s=%r: %s" % (variable, raw, exc))
     parser.add_argument(flag, dest=field, type=kind, default=default,
-                        help="%s [env %s; default %s]" % (text, variable, getattr(Settings, field) or "none"))
+                        help="%s [env %s; default %s]" % (text, variable, _shown_default(getattr(Settings, field))))
 
 
-def _positive(value, name):
-    if value < 1:
-        raise ValueError("%s must be at least 1" % name)
+def _shown_default(value):
+    return "none" if value in ("", None) else value
+
+
+def _positive(value, name, least=1):
+    if value < least:
+        raise ValueError("%s must be at least %d" % (name, least))
     return value
 
 
@@ -4734,6 +4756,66 @@ def _strict_channel_class():
     return StrictChannel
 
 
+class EventLoopDispatcher:
+    """waitress's task dispatcher, without threads: each request runs on the
+    event loop's own thread, one at a time, in the order requests arrived.
+
+    waitress hands a channel with a complete request to `add_task` (the
+    request and its body are already read in full) and a worker thread calls
+    `channel.service()`, which runs the application and writes the response.
+    Here serve() calls `run_pending` after each pass of the event loop
+    instead: `add_task` is called with the channel's lock held, so it only
+    queues. No GIL hand-off between threads remains on a request's path (see
+    Settings.threads for what they cost).
+
+    A task must then never wait for the event loop: waitress's write_soon
+    blocks once a response has more than `outbuf_high_watermark` bytes
+    unsent, until the loop sends some, so serve() sets that mark out of
+    reach; unsent bytes beyond `outbuf_overflow` wait in a temporary file.
+    """
+
+    def __init__(self):
+        self.queue = collections.deque()
+
+    def set_thread_count(self, count):
+        pass   # waitress passes its `threads` setting; this dispatcher has none
+
+    def add_task(self, channel):
+        self.queue.append(channel)
+
+    def run_pending(self):
+        """Service every queued request; True if there were any."""
+        ran = bool(self.queue)
+        while self.queue:
+            channel = self.queue.popleft()
+            try:
+                channel.service()   # catches the application's errors itself (a 500)
+            except Exception:
+                traceback.print_exc(file=sys.stderr)
+        return ran
+
+    def shutdown(self, cancel_pending=True, timeout=5):
+        self.queue.clear()   # called after _drain, which ran everything received
+        return True
+
+
+def create_waitress_server(app, threads, **options):
+    """A waitress server for `app` and the function the event loop calls
+    after each pass: with `threads` 0 requests run on the loop's thread
+    (EventLoopDispatcher), else on that many worker threads. Returns
+    (server, run_pending)."""
+    import waitress.server
+    if threads == 0:
+        dispatcher = EventLoopDispatcher()
+        # A task on the loop's thread must never wait for the loop to send.
+        options.update(_dispatcher=dispatcher, outbuf_high_watermark=2 ** 62)
+        run_pending = dispatcher.run_pending
+    else:
+        def run_pending():
+            return False   # the worker threads run what waitress queues
+    return waitress.server.create_server(app, threads=max(1, threads), **options), run_pending
+
+
 class RateLimitedLog(logging.Filter):
     """Lets one record through per `interval` seconds and counts the rest.
 
@@ -4815,8 +4897,8 @@ def serve(settings, out=sys.stdout):
     servers = []
     try:
         listening = (settings.host, settings.port)
-        server = waitress.server.create_server(
-            app, host=settings.host, port=settings.port, threads=settings.threads,
+        server, run_pending = create_waitress_server(
+            app, settings.threads, host=settings.host, port=settings.port,
             ident="scim-appliance", clear_untrusted_proxy_headers=True,
             # Our own limit answers with a SCIM 413; waitress's is a backstop.
             max_request_body_size=settings.max_body_bytes * 4,
@@ -4862,13 +4944,17 @@ def serve(settings, out=sys.stdout):
         while not stopping.is_set():
             waitress.wasyncore.loop(timeout=STOP_CHECK_SECONDS, map=server._map,
                                     use_poll=server.adj.asyncore_use_poll, count=1)
+            run_pending()
     finally:
-        # Graceful: stop accepting, let the requests already received finish
-        # and their responses go out, then write the log and fold the WAL
-        # into the database file.
+        # Graceful: take in the connections and requests that already
+        # arrived (a request running on the loop kept them waiting), stop
+        # accepting, let every request received finish and its response go
+        # out, then write the log and fold the WAL into the database file.
+        grace = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+        _take_in_arrived(server._map, run_pending, grace)
         for opened in servers:
             opened.close()
-        finished = _drain(server._map, time.monotonic() + SHUTDOWN_GRACE_SECONDS)
+        finished = _drain(server._map, run_pending, grace)
         for opened in servers:
             opened.task_dispatcher.shutdown(timeout=5)
         activity.stop()
@@ -4886,11 +4972,24 @@ def serve(settings, out=sys.stdout):
                                             % SHUTDOWN_GRACE_SECONDS), file=out)
 
 
-def _drain(socket_map, deadline):
+def _take_in_arrived(socket_map, run_pending, deadline):
+    """Pass through the event loop without waiting until a pass finds
+    nothing new: connections in the listen queue are accepted and requests
+    already sent are read (and run)."""
+    import waitress.wasyncore
+    while time.monotonic() < deadline:
+        known = set(socket_map.values())
+        waitress.wasyncore.loop(timeout=0, map=socket_map, count=1)
+        if not run_pending() and set(socket_map.values()) <= known:   # no request run, no connection new
+            return
+
+
+def _drain(socket_map, run_pending, deadline):
     """Run waitress's event loop until no connection has a request in
     progress or a response unsent (True), or the deadline passes (False)."""
     import waitress.wasyncore
     while time.monotonic() < deadline:
+        run_pending()
         busy = [channel for channel in list(socket_map.values())
                 if getattr(channel, "requests", None) or getattr(channel, "total_outbufs_len", 0)]
         if not busy:
@@ -5060,7 +5159,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            _positive(args.threads, "--threads")
+            _positive(args.threads, "--threads", least=0)
             _positive(args.max_body_bytes, "--max-body-bytes")
             settings = Settings(**{field: getattr(args, field) for field, *_ in SETTINGS_TABLE})
             serve(settings)

@@ -1,5 +1,5 @@
 """Concurrency (issue 3, items 4-7): many client threads against the real
-server (waitress, 8 worker threads), and a unit test of the write transaction.
+server (waitress, as shipped), and a unit test of the write transaction.
 
 Each scenario prints one line of figures (statuses, counts, wall time) for
 information; run with `-s` to see them. Nothing here asserts a duration.

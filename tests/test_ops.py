@@ -554,12 +554,15 @@ def test_sigterm_lets_the_request_being_executed_finish_and_answer(tmp_path):
         conn.close()
 
 
-def test_sigterm_lets_requests_waiting_for_the_worker_finish_too(tmp_path):
-    """With one worker, A is held inside the server (another connection holds
-    SQLite's write lock) and B waits in waitress's queue when SIGTERM arrives:
-    both were received, so both commit and get their 201. (waitress's own
-    run() cancels queued requests on the way out, closing B's connection.)"""
-    server = live(tmp_path, "queued.db", ["--threads", "1"])
+@pytest.mark.parametrize("threads", ["0", "1"])
+def test_sigterm_lets_requests_that_arrived_behind_a_running_one_finish_too(tmp_path, threads):
+    """A is held inside the server (another connection holds SQLite's write
+    lock) and B arrives behind it before SIGTERM: both commit and get their
+    201. With one worker thread B waits in waitress's queue (waitress's own
+    run() would cancel it, closing B's connection); on the event loop (0)
+    B's connection is still in the listen queue when the stop begins, and
+    is taken in before the listener closes."""
+    server = live(tmp_path, "queued.db", ["--threads", threads])
     results = {}
     try:
         post_user(server.port, server.token, "warmup@example.com", results)

@@ -526,3 +526,101 @@ def test_a_burst_on_one_worker_logs_the_queue_warning_at_most_once(tmp_path):
         output = server.stop()
     assert statuses == [200] * 240
     assert output.count("Task queue depth") <= 1
+
+
+# -- requests on the event loop (--threads 0, the default) -------------------------
+
+class EventLoop:
+    """create_waitress_server(app, 0) on a loopback port, its loop run by a
+    thread of this process the way serve() runs it."""
+
+    def __init__(self, app):
+        import waitress.wasyncore
+        self.server, self.run_pending = scim_appliance.create_waitress_server(
+            app, 0, host="127.0.0.1", port=0)
+        self.port = int(self.server.effective_port)
+        self.stopping = threading.Event()
+
+        def run():
+            while not self.stopping.is_set():
+                waitress.wasyncore.loop(timeout=0.05, map=self.server._map, count=1)
+                self.run_pending()
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stopping.set()
+        self.thread.join(timeout=10)
+        self.server.close()
+
+
+def http_get(port, path, timeout=20):
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as client:
+        client.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % path).encode())
+        chunks = []
+        while True:
+            chunk = client.recv(1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def test_event_loop_runs_requests_on_its_own_thread_in_arrival_order():
+    seen = []
+
+    def app(environ, start_response):
+        seen.append((environ["PATH_INFO"], threading.current_thread()))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["PATH_INFO"].encode()]
+
+    loop = EventLoop(app)
+    try:
+        with socket.create_connection(("127.0.0.1", loop.port), timeout=10) as client:
+            # Three pipelined requests on one connection, answered in order.
+            client.sendall(b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in range(3)))
+            received = b""
+            while received.count(b"HTTP/1.1 200") < 3 or not received.endswith(b"/2"):
+                received += client.recv(4096)
+        assert [body[-2:] for body in received.split(b"HTTP/1.1 200")[1:]] == [b"/0", b"/1", b"/2"]
+        assert http_get(loop.port, "/3").endswith(b"\r\n\r\n/3")
+    finally:
+        loop.close()
+    assert [path for path, _ in seen] == ["/0", "/1", "/2", "/3"]
+    assert {thread for _, thread in seen} == {loop.thread}   # no worker thread
+
+
+def test_event_loop_never_waits_for_a_client_that_does_not_read():
+    """A 24 MB response (over waitress's 16 MB outbuf_high_watermark, where a
+    writer waits for the loop to send) to a client that reads nothing yet: the
+    loop must not wait for itself. It finishes the response into its buffers
+    and goes on serving others; the slow client then gets every byte."""
+    chunk = b"x" * (1 << 20)
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/big":
+            start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                      ("Content-Length", str(24 * len(chunk)))])
+            return (chunk for _ in range(24))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"small"]
+
+    loop = EventLoop(app)
+    try:
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        slow.settimeout(20)
+        slow.connect(("127.0.0.1", loop.port))
+        slow.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        time.sleep(0.5)
+        assert http_get(loop.port, "/other", timeout=5).endswith(b"\r\n\r\nsmall")   # the loop is free
+        received = []
+        while True:
+            data = slow.recv(1 << 16)
+            if not data:
+                break
+            received.append(data)
+        slow.close()
+    finally:
+        loop.close()
+    head, _, body = b"".join(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == chunk * 24

@@ -9,7 +9,9 @@ Starts the appliance as a real server (`scim_appliance.py serve`, same Python
 interpreter) on a fresh database in a temporary directory, and a *reference
 app* -- a trivial bottle app on waitress with the same thread count answering
 GET /scim/Users with a fixed ~500-byte JSON body -- to measure this machine's
-ceiling for a Python web stack. Then, in order:
+ceiling for a Python web stack. With `--threads 0`, the appliance's default,
+both run their requests on waitress's event loop (the appliance's
+EventLoopDispatcher); with N, both on N worker threads. Then, in order:
 
   1. bulk load    POST N Entra-shaped users (users/s, p50/p99);
   2. lookup       GET /Users?filter=userName eq "..." of random existing users,
@@ -138,10 +140,15 @@ class BenchError(Exception):
 # -- the reference app -----------------------------------------------------------
 
 def serve_reference(port, threads):
-    """A trivial bottle app on waitress: the ceiling of this web stack here."""
-    import bottle
-    import waitress
+    """A trivial bottle app on waitress: the ceiling of this web stack here.
 
+    It runs as the appliance does with the same `threads`: 0 on the event
+    loop (the appliance's EventLoopDispatcher), N on N worker threads.
+    """
+    import bottle
+    import waitress.wasyncore
+
+    appliance = import_appliance()
     app = bottle.Bottle()
 
     @app.get("/scim/Users")
@@ -150,7 +157,11 @@ def serve_reference(port, threads):
         return REFERENCE_BODY
 
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    waitress.serve(app, host="127.0.0.1", port=port, threads=threads, ident="reference")
+    server, run_pending = appliance.create_waitress_server(app, threads, host="127.0.0.1", port=port,
+                                                           ident="reference")
+    while True:
+        waitress.wasyncore.loop(timeout=1.0, map=server._map, count=1)
+        run_pending()
 
 
 # -- processes -------------------------------------------------------------------
@@ -323,6 +334,17 @@ def user_body(tag, thread_id, seq):
     return (USER_TEMPLATE.replace("{{N}}", tag)
             .replace("{{GUID}}", "%08x-0000-4000-8000-%012d" % (thread_id, seq))
             .replace("{{D}}", str(seq % 50)))
+
+
+def in_creation_order(created):
+    """The bulk load's (id, userName) pairs in about the order the server
+    created them: each client connection lists its own users, and the
+    connections ran side by side, so their n-th users were created at about
+    the same time (userName Bench.User.<connection>.<n>@Contoso.example)."""
+    def key(pair):
+        connection, n = pair[1].split("@")[0].split(".")[-2:]
+        return int(n), int(connection)
+    return sorted(created, key=key)
 
 
 def shares(total, parts):
@@ -596,6 +618,7 @@ class Bench:
         self.token = None
         self.appliance = None
         self.reference_server = None
+        self.threaded_reference_server = None
 
     # processes
 
@@ -664,10 +687,13 @@ class Bench:
         self.appliance = self.start_appliance()
         self.appliance.wait_ready("/scim/Users?count=1", self.token)
         users = self.bulk_load()
-        self.reference_server = self.start_reference()
+        self.reference_server = self.start_reference(args.threads)
+        if args.threads == 0:
+            self.threaded_reference_server = self.start_reference(1, "threaded_reference")
         self.lookup(users)
         self.update(users)
-        self.reference_server.stop()
+        for _, server in self.references():
+            server.stop()
         self.reference_figures()
         self.groups(users)
         self.restart()
@@ -703,42 +729,53 @@ class Bench:
             % (len(created), listing["totalResults"], summary["seconds"], summary["errors"]))
         if not created:
             raise BenchError("bulk load created no users")
-        return created
+        return in_creation_order(created)
 
-    def start_reference(self):
-        """The reference app, kept running beside the appliance: each
-        throughput phase alternates between the two (see `paired`)."""
+    def start_reference(self, threads, name="reference"):
+        """A reference app, kept running beside the appliance: each
+        throughput phase alternates between them (see `paired`)."""
         port = free_port()
-        server = Server("reference", [sys.executable, os.path.abspath(__file__), "--serve-reference",
-                                      str(port), "--threads", str(self.args.threads)],
-                        port, os.path.join(self.data_dir, "reference.log"))
+        server = Server(name, [sys.executable, os.path.abspath(__file__), "--serve-reference",
+                               str(port), "--threads", str(threads)],
+                        port, os.path.join(self.data_dir, name + ".log"))
         self.servers.append(server)
         server.wait_ready("/scim/Users")
         return server
 
+    def references(self):
+        """(figure prefix, server) of each reference app: the one with the
+        appliance's thread count, and, when that is 0 (the event loop), also
+        the reference app on one worker thread -- waitress as it ships, the
+        yardstick of earlier runs -- for comparison."""
+        refs = [("reference", self.reference_server)]
+        if self.threaded_reference_server is not None:
+            refs.append(("threaded_reference", self.threaded_reference_server))
+        return refs
+
     def paired(self, name, users, appliance_load):
-        """Measure the appliance phase `name` and the reference app in
-        alternating rounds, so that both see the same machine: a shared VM
-        drifts by tens of percent within a minute. Returns the ratio."""
+        """Measure the appliance phase `name` and the reference apps in
+        alternating rounds, so that all see the same machine: a shared VM
+        drifts by tens of percent within a minute. Sets `name`_ratio (to
+        the reference app) and `name`_threaded_ratio."""
         f, rounds = self.figures, ROUNDS
         seconds = max(1.0, self.args.duration / rounds)   # wrk counts whole seconds
         log("%s: %d rounds of %.1fs, alternating with the reference app" % (name, rounds, seconds))
-        results = {"reference": [], name: []}
-        cpu = {"reference": 0.0, name: 0.0}
+        contestants = [(prefix, server, lambda server=server, prefix=prefix: self.lookup_load(
+            prefix, server.port, users, None, seconds)) for prefix, server in self.references()]
+        contestants.append((name, self.appliance, lambda: appliance_load(seconds)))
+        results = {who: [] for who, _, _ in contestants}
+        cpu = {who: 0.0 for who, _, _ in contestants}
         for _ in range(rounds):
-            for who, server, run in (("reference", self.reference_server,
-                                      lambda: self.lookup_load("reference", self.reference_server.port, users,
-                                                               None, seconds)),
-                                     (name, self.appliance, lambda: appliance_load(seconds))):
+            for who, server, run in contestants:
                 meter = CpuMeter(server)
                 summary = run()
                 used = meter.per_request(summary["requests"])
                 cpu[who] += (used or 0.0) * summary["requests"]
                 results[who].append(summary)
             self.check_alive()
-        for who in (name, "reference"):
+        for who, _, _ in contestants:
             total = combine(results[who])
-            key = who if who != "reference" else "reference_" + name
+            key = who if who == name else "%s_%s" % (who, name)
             f[key + "_rps"] = total["rps"]
             f[key + "_p50_ms"], f[key + "_p99_ms"] = total["p50_ms"], total["p99_ms"]
             f[key + "_requests"], f[key + "_errors"] = total["requests"], total["errors"]
@@ -746,6 +783,8 @@ class Bench:
             if not total["rps"]:
                 raise BenchError("%s served nothing" % key)
         f[name + "_ratio"] = ratio(f[name + "_rps"], f["reference_%s_rps" % name])
+        if "threaded_reference_%s_rps" % name in f:
+            f[name + "_threaded_ratio"] = ratio(f[name + "_rps"], f["threaded_reference_%s_rps" % name])
         log("%s: %.0f req/s, reference app %.0f req/s: %.2f"
             % (name, f[name + "_rps"], f["reference_%s_rps" % name], f[name + "_ratio"]))
 
@@ -787,16 +826,20 @@ class Bench:
             "update", self.appliance.port, self.token, seconds, ids, lua, make, 200, body=True))
 
     def reference_figures(self):
-        """The reference app over every round, and the bulk load against it
+        """Each reference app over every round, and the bulk load against it
         (the bulk load itself runs alone: it builds the database)."""
         f = self.figures
-        rounds = [f["reference_%s_requests" % name] / f["reference_%s_rps" % name] for name in ("lookup", "update")]
-        requests = f["reference_lookup_requests"] + f["reference_update_requests"]
-        f["reference_rps"] = requests / sum(rounds)
-        f["reference_cpu_ms_per_req"] = (
-            f["reference_lookup_cpu_ms_per_req"] * f["reference_lookup_requests"]
-            + f["reference_update_cpu_ms_per_req"] * f["reference_update_requests"]) / requests
+        for prefix, _ in self.references():
+            rounds = [f["%s_%s_requests" % (prefix, name)] / f["%s_%s_rps" % (prefix, name)]
+                      for name in ("lookup", "update")]
+            requests = f[prefix + "_lookup_requests"] + f[prefix + "_update_requests"]
+            f[prefix + "_rps"] = requests / sum(rounds)
+            f[prefix + "_cpu_ms_per_req"] = (
+                f[prefix + "_lookup_cpu_ms_per_req"] * f[prefix + "_lookup_requests"]
+                + f[prefix + "_update_cpu_ms_per_req"] * f[prefix + "_update_requests"]) / requests
         f["bulk_ratio"] = ratio(f["bulk_users_per_s"], f["reference_rps"])
+        if "threaded_reference_rps" in f:
+            f["bulk_threaded_ratio"] = ratio(f["bulk_users_per_s"], f["threaded_reference_rps"])
 
     def groups(self, users):
         args, f = self.args, self.figures
@@ -991,15 +1034,19 @@ def wrk_version(wrk):
 ROWS = [
     ("reference", "reference_rps", "req/s"), ("reference", "reference_p50_ms", "ms"),
     ("reference", "reference_p99_ms", "ms"), ("reference", "reference_cpu_ms_per_req", "ms"),
+    ("reference", "threaded_reference_rps", "req/s"), ("reference", "threaded_reference_cpu_ms_per_req", "ms"),
     ("bulk load", "bulk_users_per_s", "users/s"), ("bulk load", "bulk_ratio", ""),
+    ("bulk load", "bulk_threaded_ratio", ""),
     ("bulk load", "bulk_p50_ms", "ms"), ("bulk load", "bulk_p99_ms", "ms"),
     ("bulk load", "bulk_created", ""), ("bulk load", "bulk_errors", ""),
     ("bulk load", "bulk_cpu_ms_per_req", "ms"),
     ("lookup", "reference_lookup_rps", "req/s"),
-    ("lookup", "lookup_rps", "req/s"), ("lookup", "lookup_ratio", ""), ("lookup", "lookup_p50_ms", "ms"),
+    ("lookup", "lookup_rps", "req/s"), ("lookup", "lookup_ratio", ""), ("lookup", "lookup_threaded_ratio", ""),
+    ("lookup", "lookup_p50_ms", "ms"),
     ("lookup", "lookup_p99_ms", "ms"), ("lookup", "lookup_errors", ""), ("lookup", "lookup_cpu_ms_per_req", "ms"),
     ("update", "reference_update_rps", "req/s"),
-    ("update", "update_rps", "req/s"), ("update", "update_ratio", ""), ("update", "update_p50_ms", "ms"),
+    ("update", "update_rps", "req/s"), ("update", "update_ratio", ""), ("update", "update_threaded_ratio", ""),
+    ("update", "update_p50_ms", "ms"),
     ("update", "update_p99_ms", "ms"), ("update", "update_errors", ""), ("update", "update_cpu_ms_per_req", "ms"),
     ("groups", "group_members", ""), ("groups", "group_add_first10_ms", "ms"),
     ("groups", "group_add_last10_ms", "ms"), ("groups", "group_add_ratio", ""),
@@ -1068,14 +1115,18 @@ def report(figures):
 
 # -- main ------------------------------------------------------------------------
 
-def appliance_default_threads():
-    """What `serve` uses without --threads, so both servers run as shipped."""
+def import_appliance():
     sys.path.insert(0, ROOT)
     try:
         import scim_appliance
     finally:
         sys.path.remove(ROOT)
-    return scim_appliance.Settings().threads
+    return scim_appliance
+
+
+def appliance_default_threads():
+    """What `serve` uses without --threads, so both servers run as shipped."""
+    return import_appliance().Settings().threads
 
 
 def parse_args(argv):
@@ -1084,7 +1135,8 @@ def parse_args(argv):
     parser.add_argument("--users", type=int, help="users to bulk-load (default 100000; --quick 5000)")
     parser.add_argument("--group-size", type=int, help="members of the big group (default 100000; --quick 5000)")
     parser.add_argument("--threads", type=int,
-                        help="server threads, for both servers (default: the appliance's default)")
+                        help="worker threads of both servers, 0 for none: requests run on the event "
+                             "loop (default: the appliance's default, 0)")
     parser.add_argument("--connections", type=int, default=16,
                         help="concurrent client connections in the throughput phases (default 16)")
     parser.add_argument("--shuffle-members", action="store_true",
@@ -1108,9 +1160,11 @@ def parse_args(argv):
         args.max_phase_seconds = 40.0 if quick else 1800.0
     if args.threads is None:
         args.threads = appliance_default_threads()
-    for name in ("users", "group_size", "threads", "connections"):
+    for name in ("users", "group_size", "connections"):
         if getattr(args, name) < 1:
             parser.error("--%s must be at least 1" % name.replace("_", "-"))
+    if args.threads < 0:
+        parser.error("--threads must be 0 (the event loop) or more")
     if args.duration <= 0 or args.max_phase_seconds <= 0:
         parser.error("durations must be positive")
     return args
