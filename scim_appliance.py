@@ -84,6 +84,7 @@ TOKEN_TOUCH_SECONDS = 60           # how often a token's last_used is written
 TOKEN_RECHECK_SECONDS = 0.1        # a token revoked by another process fails within this
 AUTH_FAILURE_LIMIT = 10            # failed authentications allowed per client address ...
 AUTH_FAILURE_WINDOW = 60           # ... in this many seconds; then 429 until the window moves
+WAL_AUTOCHECKPOINT_PAGES = 10000   # a commit checkpoints a WAL this long itself (40 MB; Store)
 
 URN_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 URN_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
@@ -427,6 +428,13 @@ class Store:
                                    check_same_thread=False)
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA synchronous=%s" % self.synchronous)
+            # SQLite's own checkpoint runs inside the COMMIT that finds the
+            # WAL over this many pages, and that request waits for it. The
+            # server copies the WAL in the background (copy_wal); this stays
+            # as the backstop that keeps the file bounded, and is cheap then:
+            # the pages are mostly copied already. A COMMIT is what restarts
+            # the WAL from its beginning, once all of it has been copied.
+            conn.execute("PRAGMA wal_autocheckpoint=%d" % WAL_AUTOCHECKPOINT_PAGES)
             conn.create_function("scim_fold", 1, _sql_fold, deterministic=True)
             self._local.conn = conn
             with self._lock:
@@ -528,6 +536,12 @@ class Store:
         """Copy the WAL into the database file and truncate it (at shutdown,
         so the .db file alone is complete)."""
         self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def copy_wal(self):
+        """Copy what the WAL holds into the database file, without waiting
+        for or holding up anyone (a PASSIVE checkpoint): serve() runs it in
+        the background every second, so that no request pays for it."""
+        self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def migrate(self):
         """Carry the database forward to SCHEMA_VERSION, one transaction per step.
@@ -3142,9 +3156,11 @@ class ActivityLog:
     pruned every ACTIVITY_PRUNE_SECONDS.
     """
 
-    def __init__(self, store, retention_days=30, max_rows=100000, clock=time.monotonic, companions=()):
+    def __init__(self, store, retention_days=30, max_rows=100000, clock=time.monotonic, beat=()):
         self.store = store
-        self.companions = list(companions)   # other buffers written on the same beat (the access log)
+        # More work for the background thread, every ACTIVITY_FLUSH_SECONDS
+        # and at `stop`: the access log's writes, the WAL checkpoint.
+        self.beat = list(beat)
         self.retention_days = retention_days
         self.max_rows = max_rows
         self.clock = clock
@@ -3223,8 +3239,7 @@ class ActivityLog:
         """Flush from a background thread until `stop`."""
         def run():
             while not self._stop.wait(ACTIVITY_FLUSH_SECONDS):
-                for companion in self.companions:
-                    companion.flush()
+                self._run_beat()
                 try:
                     self.flush(counts_due=False)
                 except sqlite3.Error as exc:
@@ -3232,12 +3247,18 @@ class ActivityLog:
         self._thread = threading.Thread(target=run, name="activity-log", daemon=True)
         self._thread.start()
 
+    def _run_beat(self):
+        for task in self.beat:
+            try:
+                task()
+            except sqlite3.Error as exc:
+                print("scim-appliance: background work failed, to be tried again: %s" % exc, file=sys.stderr)
+
     def stop(self):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        for companion in self.companions:
-            companion.flush()
+        self._run_beat()
         try:
             self.flush()
         except sqlite3.Error as exc:
@@ -4884,7 +4905,8 @@ def serve(settings, out=sys.stdout):
                                                                              exc.strerror or exc))
     access_log = AccessLog(settings.log_format, log_stream)
     metrics = RequestMetrics()
-    activity = ActivityLog(store, settings.activity_days, settings.activity_max_rows, companions=[access_log])
+    activity = ActivityLog(store, settings.activity_days, settings.activity_max_rows,
+                           beat=[access_log.flush, store.copy_wal])
     setup_code = None if has_admin_password(store) else generate_setup_code()
     app = make_scim_app(store, settings, activity, metrics, access_log)
     admin_app = make_admin_app(store, settings, activity, setup_code, metrics)
@@ -4950,11 +4972,10 @@ def serve(settings, out=sys.stdout):
         # arrived (a request running on the loop kept them waiting), stop
         # accepting, let every request received finish and its response go
         # out, then write the log and fold the WAL into the database file.
-        grace = time.monotonic() + SHUTDOWN_GRACE_SECONDS
-        _take_in_arrived(server._map, run_pending, grace)
+        _take_in_arrived(server._map)
         for opened in servers:
             opened.close()
-        finished = _drain(server._map, run_pending, grace)
+        finished = _drain(server._map, run_pending, time.monotonic() + SHUTDOWN_GRACE_SECONDS)
         for opened in servers:
             opened.task_dispatcher.shutdown(timeout=5)
         activity.stop()
@@ -4972,16 +4993,15 @@ def serve(settings, out=sys.stdout):
                                             % SHUTDOWN_GRACE_SECONDS), file=out)
 
 
-def _take_in_arrived(socket_map, run_pending, deadline):
-    """Pass through the event loop without waiting until a pass finds
-    nothing new: connections in the listen queue are accepted and requests
-    already sent are read (and run)."""
+def _take_in_arrived(socket_map):
+    """Accept the connections already in the listen queue and read the
+    requests already sent: two passes through the event loop without
+    waiting, the second for the connections the first accepted. Nothing is
+    answered in between, so clients send nothing new; _drain runs what was
+    read."""
     import waitress.wasyncore
-    while time.monotonic() < deadline:
-        known = set(socket_map.values())
+    for _ in range(2):
         waitress.wasyncore.loop(timeout=0, map=socket_map, count=1)
-        if not run_pending() and set(socket_map.values()) <= known:   # no request run, no connection new
-            return
 
 
 def _drain(socket_map, run_pending, deadline):
