@@ -84,7 +84,6 @@ TOKEN_TOUCH_SECONDS = 60           # how often a token's last_used is written
 TOKEN_RECHECK_SECONDS = 0.1        # a token revoked by another process fails within this
 AUTH_FAILURE_LIMIT = 10            # failed authentications allowed per client address ...
 AUTH_FAILURE_WINDOW = 60           # ... in this many seconds; then 429 until the window moves
-WAL_AUTOCHECKPOINT_PAGES = 10000   # a commit checkpoints a WAL this long itself (40 MB; Store)
 
 URN_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 URN_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
@@ -428,13 +427,6 @@ class Store:
                                    check_same_thread=False)
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA synchronous=%s" % self.synchronous)
-            # SQLite's own checkpoint runs inside the COMMIT that finds the
-            # WAL over this many pages, and that request waits for it. The
-            # server copies the WAL in the background (copy_wal); this stays
-            # as the backstop that keeps the file bounded, and is cheap then:
-            # the pages are mostly copied already. A COMMIT is what restarts
-            # the WAL from its beginning, once all of it has been copied.
-            conn.execute("PRAGMA wal_autocheckpoint=%d" % WAL_AUTOCHECKPOINT_PAGES)
             conn.create_function("scim_fold", 1, _sql_fold, deterministic=True)
             self._local.conn = conn
             with self._lock:
@@ -536,12 +528,6 @@ class Store:
         """Copy the WAL into the database file and truncate it (at shutdown,
         so the .db file alone is complete)."""
         self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-    def copy_wal(self):
-        """Copy what the WAL holds into the database file, without waiting
-        for or holding up anyone (a PASSIVE checkpoint): serve() runs it in
-        the background every second, so that no request pays for it."""
-        self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def migrate(self):
         """Carry the database forward to SCHEMA_VERSION, one transaction per step.
@@ -3159,7 +3145,7 @@ class ActivityLog:
     def __init__(self, store, retention_days=30, max_rows=100000, clock=time.monotonic, beat=()):
         self.store = store
         # More work for the background thread, every ACTIVITY_FLUSH_SECONDS
-        # and at `stop`: the access log's writes, the WAL checkpoint.
+        # and at `stop`: the access log's writes.
         self.beat = list(beat)
         self.retention_days = retention_days
         self.max_rows = max_rows
@@ -3249,10 +3235,7 @@ class ActivityLog:
 
     def _run_beat(self):
         for task in self.beat:
-            try:
-                task()
-            except sqlite3.Error as exc:
-                print("scim-appliance: background work failed, to be tried again: %s" % exc, file=sys.stderr)
+            task()
 
     def stop(self):
         self._stop.set()
@@ -4906,7 +4889,7 @@ def serve(settings, out=sys.stdout):
     access_log = AccessLog(settings.log_format, log_stream)
     metrics = RequestMetrics()
     activity = ActivityLog(store, settings.activity_days, settings.activity_max_rows,
-                           beat=[access_log.flush, store.copy_wal])
+                           beat=[access_log.flush])
     setup_code = None if has_admin_password(store) else generate_setup_code()
     app = make_scim_app(store, settings, activity, metrics, access_log)
     admin_app = make_admin_app(store, settings, activity, setup_code, metrics)

@@ -650,37 +650,6 @@ def test_sigterm_sends_the_rest_of_a_response_the_client_is_still_reading(tmp_pa
     assert listing["totalResults"] == len(listing["Resources"]) == 500
 
 
-# -- the WAL, copied in the background --------------------------------------------------------------
-
-def test_the_wal_is_copied_into_the_database_file_in_the_background(tmp_path):
-    """No request pays for a checkpoint: within a few seconds of the writes
-    the server's background thread has copied them into the .db file itself
-    (SQLite's own checkpoint waits for 10,000 pages of WAL, far more than
-    these writes make), while the WAL file stays for the next writes."""
-    server = live(tmp_path, "wal.db")
-    try:
-        for number in range(30):
-            status, _, _ = http_json("POST", server.url + "/Users", user_body("wal%d@example.com" % number),
-                                     token=server.token)
-            assert status == 201
-        copied = str(tmp_path / "copy.db")
-        deadline = time.monotonic() + 10
-        while True:
-            shutil.copyfile(server.db_path, copied)   # the file alone, without its -wal
-            conn = sqlite3.connect(copied)
-            try:
-                names = {row[0] for row in conn.execute("SELECT user_name FROM users")}
-            finally:
-                conn.close()
-            if len(names) == 30 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert os.path.getsize(server.db_path + "-wal") > 0
-    finally:
-        server.stop()
-    assert names == {"wal%d@example.com" % number for number in range(30)}
-
-
 # -- --version and refused starts ------------------------------------------------------------------
 
 def test_version():
