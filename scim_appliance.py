@@ -26,6 +26,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import functools
 import hashlib
 import hmac
 import http.client
@@ -177,8 +178,7 @@ def utc_now():
 
 def utc_text(seconds):
     """utc_now's form of a Unix time."""
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % (int(seconds * 1000) % 1000)
 
 
 # Compact, strict JSON (no NaN/Infinity), UTF-8 left as it is: how documents
@@ -991,11 +991,11 @@ class Attribute:
 
     def sub(self, name):
         """The sub-attribute called `name` (case-insensitive, RFC 7643 §2.1), or None."""
-        key = name.lower()
-        for attribute in self.sub_attributes:
-            if attribute.name.lower() == key:
-                return attribute
-        return None
+        return self._subs_by_key.get(name.lower())
+
+    @functools.cached_property
+    def _subs_by_key(self):
+        return _by_folded_name(self.sub_attributes)
 
     def to_json(self):
         """The attribute's definition as RFC 7643 §7 publishes it."""
@@ -1022,11 +1022,18 @@ class Schema:
     attributes: tuple
 
     def attribute(self, name):
-        key = name.lower()
-        for attribute in self.attributes:
-            if attribute.name.lower() == key:
-                return attribute
-        return None
+        """The attribute called `name` (case-insensitive), or None."""
+        return self._attributes_by_key.get(name.lower())
+
+    @functools.cached_property
+    def _attributes_by_key(self):
+        return _by_folded_name(self.attributes)
+
+
+def _by_folded_name(attributes):
+    """{lower-cased name: attribute}: the lookup table of a schema or a
+    complex attribute (every request resolves names through it)."""
+    return {attribute.name.lower(): attribute for attribute in reversed(attributes)}
 
 
 def _multi(name, description, types=(), value_type="string", value_required=False,
@@ -1068,6 +1075,7 @@ COMMON_ATTRIBUTES = (
                             description="The version of the resource, a weak entity tag."),
               )),
 )
+COMMON_ATTRIBUTES_BY_KEY = _by_folded_name(COMMON_ATTRIBUTES)
 
 USER_SCHEMA = Schema(URN_USER, "User", "User Account", (
     Attribute("userName", required=True, uniqueness="server",
@@ -1176,16 +1184,16 @@ class ResourceType:
     extensions: tuple          # (Schema, required)
     description: str
 
-    @property
+    @functools.cached_property
     def schemas(self):
         return (self.schema,) + tuple(ext for ext, _ in self.extensions)
 
     def schema_by_urn(self, urn):
-        key = urn.lower()
-        for schema in self.schemas:
-            if schema.id.lower() == key:
-                return schema
-        return None
+        return self._schemas_by_key.get(urn.lower())
+
+    @functools.cached_property
+    def _schemas_by_key(self):
+        return {schema.id.lower(): schema for schema in self.schemas}
 
 
 USER = ResourceType("User", "/Users", "users", USER_SCHEMA, ((ENTERPRISE_USER_SCHEMA, False),),
@@ -1272,8 +1280,7 @@ def resolve_attribute(resource_type, urn, name, sub=None, custom_ok=False):
     for schema in candidates:
         attribute = schema.attribute(name)
         if attribute is None:
-            attribute = next((a for a in COMMON_ATTRIBUTES if a.name.lower() == name.lower()), None) \
-                if schema is resource_type.schema else None
+            attribute = COMMON_ATTRIBUTES_BY_KEY.get(name.lower()) if schema is resource_type.schema else None
         if attribute is None:
             continue
         sub_attribute = None
@@ -1409,10 +1416,9 @@ CUSTOM_URN = re.compile(r"^urn(:[\w.\-]+)+$", re.IGNORECASE | re.ASCII)
 def is_custom_extension(resource_type, urn):
     """Whether `urn` may name an extension we have no schema for: a URN that
     is neither a known schema, nor an attribute of one, nor reserved."""
-    folded = urn.lower()
     return (CUSTOM_URN.match(urn) is not None and resource_type.schema_by_urn(urn) is None
             and resource_type.schema_by_urn(urn.rpartition(":")[0]) is None
-            and not folded.startswith(("urn:ietf:params:scim:schemas:core:", "urn:ietf:params:scim:api:")))
+            and not urn.lower().startswith(("urn:ietf:params:scim:schemas:core:", "urn:ietf:params:scim:api:")))
 
 
 def canonical_document(resource_type, body):
