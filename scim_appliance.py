@@ -21,6 +21,7 @@ Specifications: RFC 7643 (schema), RFC 7644 (protocol), and Microsoft's
 
 import argparse
 import base64
+import bisect
 import collections
 import contextlib
 import csv
@@ -178,7 +179,12 @@ def utc_now():
 
 def utc_text(seconds):
     """utc_now's form of a Unix time."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % (int(seconds * 1000) % 1000)
+    return _utc_second(int(seconds)) + ".%03dZ" % (int(seconds * 1000) % 1000)
+
+
+@functools.lru_cache(maxsize=8)
+def _utc_second(second):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 # Compact, strict JSON (no NaN/Infinity), UTF-8 left as it is: how documents
@@ -3439,11 +3445,11 @@ def route_label(segments):
     return "/%s/%s" % (segments[0], "{id}" if len(segments) == 2 else "...")
 
 
-def logged_path(environ):
-    """The request path with the query's parameter names but not their
-    values: a filter names the user it looks for, and that stays out of logs."""
-    path = environ.get("PATH_INFO", "").encode("latin-1", "replace").decode("utf-8", "replace")
-    query = environ.get("QUERY_STRING", "")
+def logged_path(path_info, query):
+    """The request path (PATH_INFO, as the server passed it) with the query's
+    parameter names but not their values: a filter names the user it looks
+    for, and that stays out of logs."""
+    path = path_info.encode("latin-1", "replace").decode("utf-8", "replace")
     if not query:
         return path
     names = [part.split("=", 1)[0] for part in query.split("&") if part]
@@ -3464,7 +3470,7 @@ class RequestMetrics:
         self.started = time.time()
 
     def record(self, method, route, status, seconds):
-        slot = next((k for k, bound in enumerate(self.BUCKETS) if seconds <= bound), len(self.BUCKETS))
+        slot = bisect.bisect_left(self.BUCKETS, seconds)   # the first bucket with seconds <= bound
         key = (method if method in HTTP_METHODS else "other", route, status)
         with self._lock:
             self.requests[key] = self.requests.get(key, 0) + 1
@@ -3493,12 +3499,14 @@ class AccessLog:
 
     def record(self, environ, status, seconds):
         entry = (time.time(), environ.get("REMOTE_ADDR", "-"), environ.get("REQUEST_METHOD", "-"),
-                 logged_path(environ), status, seconds, environ.get(TOKEN_NAME_KEY))
+                 environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""), status, seconds,
+                 environ.get(TOKEN_NAME_KEY))
         with self._lock:
             self._lines.append(entry)   # formatted when written, off the request's path
 
     def format(self, entry):
-        moment, client, method, path, status, seconds, token = entry
+        moment, client, method, path_info, query, status, seconds, token = entry
+        path = logged_path(path_info, query)
         if self.form == "json":
             return json.dumps({"time": utc_text(moment), "client": client, "method": method, "path": path,
                                "status": status, "duration_ms": round(seconds * 1000, 2), "token": token},
@@ -3506,8 +3514,8 @@ class AccessLog:
         # The path is as the server decoded it: quotes and control characters
         # escaped so that one line stays one line.
         return '%s %s "%s %s" %d %.1fms token=%s\n' % (
-            utc_text(moment), client, method, json.dumps(path, ensure_ascii=False)[1:-1], status, seconds * 1000,
-            json.dumps(token, ensure_ascii=False) if token else "-")
+            utc_text(moment), client, method, _escaped(path), status, seconds * 1000,
+            '"%s"' % _escaped(token) if token else "-")
 
     def flush(self):
         with self._lock:
@@ -3518,6 +3526,18 @@ class AccessLog:
                 self.stream.flush()
             except (OSError, ValueError) as exc:   # a full disk must not take the server down
                 print("scim-appliance: access log not written: %s" % exc, file=sys.__stderr__)
+
+
+# What JSON escapes in a string (json.dumps, ensure_ascii=False).
+_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')
+
+
+def _escaped(text):
+    """`text` as inside a JSON string: quotes, backslashes and control
+    characters escaped (most log text has none, and is kept as it is)."""
+    if _JSON_ESCAPED.search(text) is None:
+        return text
+    return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
 def request_header(environ, name):
