@@ -412,7 +412,7 @@ def test_access_log_goes_to_stderr_without_a_log_file(tmp_path):
 def test_an_access_log_entry_stays_on_one_line(form):
     log = scim_appliance.AccessLog(form)
     path = '/scim/Users/a"b\nc\r\td\\e\x00'
-    line = log.format((1700000000.25, "10.0.0.1", "GET", path, 404, 0.0123, 'we"ird\nname'))
+    line = log.format((1700000000.25, "10.0.0.1", "GET", path, "", 404, 0.0123, 'we"ird\nname'))
     assert line.endswith("\n") and line.count("\n") == 1
     assert not re.search(r"[\x00-\x1f]", line[:-1]), line
     if form == "json":
