@@ -172,6 +172,16 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def receive_until_closed(sock, size=1 << 16):
+    """Everything `sock` receives until the server closes the connection."""
+    chunks = []
+    while True:
+        chunk = sock.recv(size)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
 def run_cli(*args, env=None, check=True, timeout=30):
     """Run `python scim_appliance.py ARGS` and return the CompletedProcess."""
     full_env = dict(os.environ)

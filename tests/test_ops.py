@@ -29,7 +29,8 @@ import uuid
 import pytest
 
 import scim_appliance
-from conftest import free_port, http_json, LiveServer, NGINX, nginx_config, ROOT, run_cli, self_signed_certificate
+from conftest import (free_port, http_json, LiveServer, NGINX, nginx_config, receive_until_closed, ROOT, run_cli,
+                      self_signed_certificate)
 from scim_appliance import URN_GROUP, URN_USER
 
 SCRIPT = os.path.join(ROOT, "scim_appliance.py")
@@ -632,11 +633,7 @@ def test_sigterm_sends_the_rest_of_a_response_the_client_is_still_reading(tmp_pa
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         assert server.process.poll() is None   # still sending
-        while True:
-            chunk = client.recv(1 << 20)
-            if not chunk:
-                break
-            received.append(chunk)
+        received.append(receive_until_closed(client, 1 << 20))
         client.close()
         code = server.process.wait(timeout=10)
     finally:

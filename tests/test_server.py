@@ -24,7 +24,7 @@ import uuid
 import pytest
 
 import scim_appliance
-from conftest import ROOT, LiveServer, free_port, http_json, run_cli
+from conftest import ROOT, LiveServer, free_port, http_json, receive_until_closed, run_cli
 from scim_appliance import URN_ENTERPRISE, URN_GROUP, URN_LIST, URN_PATCH, URN_USER
 
 SCRIPT = os.path.join(ROOT, "scim_appliance.py")
@@ -557,12 +557,7 @@ class EventLoop:
 def http_get(port, path, timeout=20):
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as client:
         client.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % path).encode())
-        chunks = []
-        while True:
-            chunk = client.recv(1 << 16)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
+        return receive_until_closed(client)
 
 
 def test_event_loop_runs_requests_on_its_own_thread_in_arrival_order():
@@ -613,14 +608,9 @@ def test_event_loop_never_waits_for_a_client_that_does_not_read():
         slow.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         time.sleep(0.5)
         assert http_get(loop.port, "/other", timeout=5).endswith(b"\r\n\r\nsmall")   # the loop is free
-        received = []
-        while True:
-            data = slow.recv(1 << 16)
-            if not data:
-                break
-            received.append(data)
+        received = receive_until_closed(slow)
         slow.close()
     finally:
         loop.close()
-    head, _, body = b"".join(received).partition(b"\r\n\r\n")
+    head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and body == chunk * 24
