@@ -584,15 +584,22 @@ class Transaction:
         except sqlite3.IntegrityError as exc:
             raise _conflict_from(exc) from exc
 
-    def update_resource(self, table, resource_id, row):
-        # Never `SET id`: with foreign keys on, assigning a parent key (even
-        # its own value) makes SQLite check every members row of the group,
-        # so a group PATCH would cost the size of the group.
-        columns = [name for name in row if name != "id"]
+    def update_resource(self, table, current, row):
+        """Store `row`'s columns over those of `current`, the row as read."""
+        # Only the columns whose value changed are assigned: SQLite rewrites
+        # an index's entries whenever an UPDATE assigns one of its columns,
+        # even to the value it has, and every page that touches is written
+        # to the WAL at commit. Never `SET id`: with foreign keys on,
+        # assigning a parent key (even its own value) makes SQLite check
+        # every members row of the group, so a group PATCH would cost the
+        # size of the group.
+        columns = [name for name in row if name != "id" and row[name] != current.get(name)]
+        if not columns:
+            return
         assignments = ", ".join("%s = ?" % name for name in columns)
         try:
             self.conn.execute("UPDATE %s SET %s WHERE id = ?" % (table, assignments),
-                              tuple(row[name] for name in columns) + (resource_id,))
+                              tuple(row[name] for name in columns) + (current["id"],))
         except sqlite3.IntegrityError as exc:
             raise _conflict_from(exc) from exc
 
@@ -2830,7 +2837,7 @@ def replace_resource(store, resource_type, resource_id, body, base_url, if_match
         _check_if_match(if_match, current)
         row = _row_for(resource_type, resource_id, document, utc_now(), current["version"] + 1,
                        password=password)
-        tx.update_resource(resource_type.table, resource_id, row)
+        tx.update_resource(resource_type.table, current, row)
         if resource_type is GROUP:
             tx.clear_members(resource_id)
             _add_members(tx, resource_id, members)
@@ -2856,7 +2863,7 @@ def patch_resource(store, resource_type, resource_id, operations, base_url, if_m
         if document != before or password is not None or changed:
             row = _row_for(resource_type, resource_id, document, utc_now(), current["version"] + 1,
                            password=password)
-            tx.update_resource(resource_type.table, resource_id, row)
+            tx.update_resource(resource_type.table, current, row)
             current = dict(current, **row)   # what is stored now; a user's groups are unchanged
         if projection is None:
             return None

@@ -373,7 +373,7 @@ def test_read_append_write_through_two_stores_loses_no_update(tmp_path):
                         # and the write: a window a deferred BEGIN loses in.
                         time.sleep(0.001)
                         document["emails"].append({"value": "t%02d-%02d@example.com" % (thread_number, n)})
-                        tx.update_resource("users", user_id, scim_appliance._row_for(
+                        tx.update_resource("users", row, scim_appliance._row_for(
                             scim_appliance.USER, user_id, document, scim_appliance.utc_now(),
                             row["version"] + 1))
                 except Exception as exc:   # asserted below, with the others

@@ -1,11 +1,14 @@
 """Storage: the SQLite schema, migrations and transactions (design.md §2)."""
 
+import json
+import re
 import sqlite3
 import threading
 
 import pytest
 
 import scim_appliance
+from scim_appliance import URN_PATCH, URN_USER
 
 
 def test_a_new_database_is_migrated_to_the_current_schema_in_wal_mode(tmp_path):
@@ -87,6 +90,26 @@ def test_writes_begin_immediate(store):
     with store.write():
         pass
     assert statements[0] == "BEGIN IMMEDIATE"
+
+
+def test_an_update_assigns_only_the_columns_it_changes(store, db):
+    """SQLite rewrites an index's entries whenever an UPDATE assigns one of
+    its columns, even to the value it has, and each page that touches is a
+    WAL frame at commit: a PATCH of name.familyName assigns neither userName
+    nor externalId, whose columns are indexed."""
+    user = scim_appliance.create_resource(store, scim_appliance.USER, {
+        "schemas": [URN_USER], "userName": "Ann@example.com", "externalId": "ext-1",
+        "name": {"familyName": "Old"}}, "http://127.0.0.1/scim")
+    statements = []
+    store._local.conn = _Recording(store._connection(), statements)
+    operations = scim_appliance.read_patch_request({"schemas": [URN_PATCH], "Operations": [
+        {"op": "Replace", "path": "name.familyName", "value": "New"}]})
+    scim_appliance.patch_resource(store, scim_appliance.USER, user["id"], operations, "http://127.0.0.1/scim")
+    [update] = [sql for sql in statements if sql.startswith("UPDATE")]
+    assert sorted(re.findall(r"(\w+) = \?", update.split(" WHERE ")[0])) == ["document", "last_modified", "version"]
+    row = db.execute("SELECT user_name, user_name_key, external_id, version, document FROM users").fetchone()
+    assert tuple(row)[:4] == ("Ann@example.com", "ann@example.com", "ext-1", 2)
+    assert json.loads(row["document"])["name"] == {"familyName": "New"}
 
 
 class _Recording:
