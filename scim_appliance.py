@@ -4853,6 +4853,18 @@ def create_waitress_server(app, threads, **options):
     return waitress.server.create_server(app, threads=max(1, threads), **options), run_pending
 
 
+def run_event_loop(server, run_pending, stopping, timeout=STOP_CHECK_SECONDS):
+    """waitress's event loop for `server` (and every listener sharing its
+    socket map), running what it queued after each pass (run_pending, from
+    create_waitress_server), until the threading.Event `stopping` is set;
+    it is looked at least every `timeout` seconds."""
+    import waitress.wasyncore
+    while not stopping.is_set():
+        waitress.wasyncore.loop(timeout=timeout, map=server._map, use_poll=server.adj.asyncore_use_poll,
+                                count=1)
+        run_pending()
+
+
 class RateLimitedLog(logging.Filter):
     """Lets one record through per `interval` seconds and counts the rest.
 
@@ -4887,7 +4899,6 @@ class RateLimitedLog(logging.Filter):
 def serve(settings, out=sys.stdout):
     """Run the SCIM listener and the admin page until SIGTERM or Ctrl-C."""
     import waitress.server
-    import waitress.wasyncore
 
     # SIGTERM and Ctrl-C only raise a flag, from the first moment: the event
     # loop below looks at it between events, so a stop never lands in the
@@ -4979,10 +4990,7 @@ def serve(settings, out=sys.stdout):
         activity.start()
         # Both listeners share this socket map. (waitress's own run() would
         # cancel the requests still queued for a worker on the way out.)
-        while not stopping.is_set():
-            waitress.wasyncore.loop(timeout=STOP_CHECK_SECONDS, map=server._map,
-                                    use_poll=server.adj.asyncore_use_poll, count=1)
-            run_pending()
+        run_event_loop(server, run_pending, stopping)
     finally:
         # Graceful: take in the connections and requests that already
         # arrived (a request running on the loop kept them waiting), stop

@@ -535,17 +535,11 @@ class EventLoop:
     thread of this process the way serve() runs it."""
 
     def __init__(self, app):
-        import waitress.wasyncore
-        self.server, self.run_pending = scim_appliance.create_waitress_server(
-            app, 0, host="127.0.0.1", port=0)
+        self.server, run_pending = scim_appliance.create_waitress_server(app, 0, host="127.0.0.1", port=0)
         self.port = int(self.server.effective_port)
         self.stopping = threading.Event()
-
-        def run():
-            while not self.stopping.is_set():
-                waitress.wasyncore.loop(timeout=0.05, map=self.server._map, count=1)
-                self.run_pending()
-        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread = threading.Thread(target=scim_appliance.run_event_loop, daemon=True,
+                                       args=(self.server, run_pending, self.stopping, 0.05))
         self.thread.start()
 
     def close(self):

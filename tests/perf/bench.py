@@ -146,7 +146,6 @@ def serve_reference(port, threads):
     loop (the appliance's EventLoopDispatcher), N on N worker threads.
     """
     import bottle
-    import waitress.wasyncore
 
     appliance = import_appliance()
     app = bottle.Bottle()
@@ -159,9 +158,7 @@ def serve_reference(port, threads):
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     server, run_pending = appliance.create_waitress_server(app, threads, host="127.0.0.1", port=port,
                                                            ident="reference")
-    while True:
-        waitress.wasyncore.loop(timeout=1.0, map=server._map, count=1)
-        run_pending()
+    appliance.run_event_loop(server, run_pending, threading.Event())   # until SIGTERM
 
 
 # -- processes -------------------------------------------------------------------
