@@ -20,5 +20,10 @@ def test_quick_benchmark_completes_and_reports_json():
     assert figures["bulk_created"] == 5000 and figures["group_members"] == 5000
     for key in ("reference_rps", "bulk_users_per_s", "lookup_rps", "lookup_ratio", "lookup_p50_ms",
                 "update_rps", "update_ratio", "group_add_first10_ms", "group_add_last10_ms",
-                "group_remove_ms", "group_full_get_bytes", "startup_s", "db_bytes_per_user"):
+                "group_remove_ms", "group_full_get_bytes", "startup_s", "db_bytes_per_user",
+                "bare_lookup_rps", "bare_lookup_ratio", "bare_update_rps", "bare_update_ratio"):
         assert isinstance(figures[key], (int, float)) and figures[key] > 0, (key, figures.get(key))
+    # Every request of the throughput phases answered as expected, the bare
+    # SCIM server's lookups (found) and PATCHes included.
+    for phase in ("lookup", "update", "bare_lookup", "bare_update"):
+        assert figures[phase + "_errors"] == 0, (phase, figures[phase + "_errors"])

@@ -11,15 +11,19 @@ app* -- a trivial bottle app on waitress with the same thread count answering
 GET /scim/Users with a fixed ~500-byte JSON body -- to measure this machine's
 ceiling for a Python web stack. With `--threads 0`, the appliance's default,
 both run their requests on waitress's event loop (the appliance's
-EventLoopDispatcher); with N, both on N worker threads. Then, in order:
+EventLoopDispatcher); with N, both on N worker threads. Beside them runs a
+*bare SCIM server* (serve_bare): the same stack doing the least a SCIM server
+must do for a lookup and a PATCH on the appliance's database, so that each run
+shows how close to the reference any SCIM server can get here. Then, in order:
 
   1. bulk load    POST N Entra-shaped users (users/s, p50/p99);
   2. lookup       GET /Users?filter=userName eq "..." of random existing users,
                   in changed case (req/s, p50/p99, ratio to the reference app);
   3. update       PATCH Replace of name.familyName and active ("True"/"False");
-                  lookup and update each alternate with the reference app in
-                  ROUNDS rounds, so that both sides of a ratio see the same
-                  machine (a shared VM drifts by tens of percent in a minute);
+                  lookup and update each alternate with the reference app and
+                  the bare SCIM server in ROUNDS rounds, so that every side of
+                  a ratio sees the same machine (a shared VM drifts by tens of
+                  percent in a minute);
   4. groups       one group grown to G members by PATCH Add of 100 members at a
                   time (one connection); single-member removal; group reads with
                   and without members; Entra's displayName query;
@@ -52,6 +56,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -73,6 +78,7 @@ URN_LIST = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
 SCIM_JSON = "application/scim+json; charset=utf-8"   # what Entra sends
 
 ROUNDS = 4                   # a throughput phase alternates this many times with the reference app
+QUICK_ROUNDS = 2             # ... and with --quick, which is a smoke check
 BATCH = 100                  # members per group PATCH Add, as Entra's initial cycle
 REMOVALS = 20                # single-member removals timed at full size
 GROUP_READS = 50             # timed group reads of each kind
@@ -155,10 +161,91 @@ def serve_reference(port, threads):
         bottle.response.content_type = "application/scim+json"
         return REFERENCE_BODY
 
+    run_until_terminated(appliance, app, threads, port)
+
+
+def serve_bare(port, threads, db):
+    """A bare SCIM server: the least any SCIM server must do for Entra's
+    lookup and update, on the appliance's own database, with the same stack
+    and dispatch -- bottle + waitress + sqlite3 + json, and nothing else (no
+    authentication, logs, metrics, schema or filter grammar).
+
+    Issue 4 sized its ratio targets by such a lookup ("~0.68 of the trivial
+    app", measured with one worker thread); this one measures, in the same
+    run, how close to the reference app a SCIM server on this stack can get.
+    """
+    import bottle
+
+    appliance = import_appliance()
+    local = threading.local()   # one connection per thread, as the appliance keeps them
+    lookup = re.compile(r'userName eq "([^"\\]*)"\Z')
+
+    def connection():
+        if getattr(local, "conn", None) is None:
+            local.conn = conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA synchronous=FULL")   # as the appliance's --durability full
+        return local.conn
+
+    def rendered(row, document=None):
+        resource_id, user_name, created, last_modified, version, stored = row
+        return {"schemas": [URN_USER], "id": resource_id, **(document or json.loads(stored)),
+                "meta": {"resourceType": "User", "created": created, "lastModified": last_modified,
+                         "version": 'W/"%d"' % version,
+                         "location": "http://127.0.0.1:%d/scim/Users/%s" % (port, resource_id)}}
+
+    def scim_json(value):
+        bottle.response.content_type = "application/scim+json"
+        return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+    app = bottle.Bottle()
+    columns = "id, user_name, created, last_modified, version, document"
+
+    @app.get("/scim/Users")
+    def users():
+        match = lookup.match(bottle.request.query.getunicode("filter") or "")
+        if match is None:
+            bottle.abort(400, "a userName eq filter, please")
+        rows = connection().execute("SELECT %s FROM users WHERE user_name_key = ?" % columns,
+                                    (appliance.fold(match.group(1)),)).fetchall()
+        return scim_json({"schemas": [URN_LIST], "totalResults": len(rows), "startIndex": 1,
+                          "itemsPerPage": len(rows), "Resources": [rendered(row) for row in rows]})
+
+    @app.route("/scim/Users/<resource_id>", method="PATCH")
+    def patch(resource_id):
+        operations = json.loads(bottle.request.body.read())["Operations"]
+        conn = connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT %s FROM users WHERE id = ?" % columns, (resource_id,)).fetchone()
+            if row is None:
+                bottle.abort(404, "no such user")
+            document = json.loads(row[5])
+            for operation in operations:
+                if operation["path"] == "name.familyName":
+                    document.setdefault("name", {})["familyName"] = operation["value"]
+                elif operation["path"] == "active":
+                    document["active"] = operation["value"] in (True, "True", "true")
+            now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            conn.execute("UPDATE users SET document = ?, active = ?, last_modified = ?, version = version + 1 "
+                         "WHERE id = ?", (json.dumps(document, separators=(",", ":")),
+                                          int(document.get("active", True)), now, resource_id))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return scim_json(rendered(row[:3] + (now, row[4] + 1, None), document))
+
+    run_until_terminated(appliance, app, threads, port)
+
+
+def run_until_terminated(appliance, app, threads, port):
+    """Serve `app` as the appliance serves (create_waitress_server: on the
+    event loop with `threads` 0, else on worker threads) until SIGTERM."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     server, run_pending = appliance.create_waitress_server(app, threads, host="127.0.0.1", port=port,
                                                            ident="reference")
-    appliance.run_event_loop(server, run_pending, threading.Event())   # until SIGTERM
+    appliance.run_event_loop(server, run_pending, threading.Event())
 
 
 # -- processes -------------------------------------------------------------------
@@ -616,6 +703,7 @@ class Bench:
         self.appliance = None
         self.reference_server = None
         self.threaded_reference_server = None
+        self.bare_server = None
 
     # processes
 
@@ -687,9 +775,10 @@ class Bench:
         self.reference_server = self.start_reference(args.threads)
         if args.threads == 0:
             self.threaded_reference_server = self.start_reference(1, "threaded_reference")
+        self.bare_server = self.start_reference(args.threads, "bare", users[0][1])
         self.lookup(users)
         self.update(users)
-        for _, server in self.references():
+        for _, server in self.references() + [("bare", self.bare_server)]:
             server.stop()
         self.reference_figures()
         self.groups(users)
@@ -728,15 +817,21 @@ class Bench:
             raise BenchError("bulk load created no users")
         return in_creation_order(created)
 
-    def start_reference(self, threads, name="reference"):
+    def start_reference(self, threads, name="reference", bare_user_name=None):
         """A reference app, kept running beside the appliance: each
-        throughput phase alternates between them (see `paired`)."""
+        throughput phase alternates between them (see `paired`). With
+        `bare_user_name` (a user it must find), the bare SCIM server on the
+        appliance's database instead (serve_bare)."""
         port = free_port()
-        server = Server(name, [sys.executable, os.path.abspath(__file__), "--serve-reference",
-                               str(port), "--threads", str(threads)],
-                        port, os.path.join(self.data_dir, name + ".log"))
+        argv = [sys.executable, os.path.abspath(__file__), "--serve-reference", str(port),
+                "--threads", str(threads)]
+        ready = "/scim/Users"
+        if bare_user_name is not None:
+            argv += ["--bare-db", self.db]
+            ready += "?filter=" + urllib.parse.quote_plus('userName eq "%s"' % bare_user_name)
+        server = Server(name, argv, port, os.path.join(self.data_dir, name + ".log"))
         self.servers.append(server)
-        server.wait_ready("/scim/Users")
+        server.wait_ready(ready)
         return server
 
     def references(self):
@@ -749,17 +844,20 @@ class Bench:
             refs.append(("threaded_reference", self.threaded_reference_server))
         return refs
 
-    def paired(self, name, users, appliance_load):
-        """Measure the appliance phase `name` and the reference apps in
-        alternating rounds, so that all see the same machine: a shared VM
-        drifts by tens of percent within a minute. Sets `name`_ratio (to
-        the reference app) and `name`_threaded_ratio."""
-        f, rounds = self.figures, ROUNDS
+    def paired(self, name, users, load):
+        """Measure the appliance phase `name`, the bare SCIM server doing the
+        same (load(server, seconds)) and the reference apps in alternating
+        rounds, so that all see the same machine: a shared VM drifts by tens
+        of percent within a minute. Sets `name`_ratio (to the reference
+        app), `name`_threaded_ratio and bare_`name`_ratio (the bare SCIM
+        server's, to the reference app)."""
+        f, rounds = self.figures, (QUICK_ROUNDS if self.args.quick else ROUNDS)
         seconds = max(1.0, self.args.duration / rounds)   # wrk counts whole seconds
         log("%s: %d rounds of %.1fs, alternating with the reference app" % (name, rounds, seconds))
         contestants = [(prefix, server, lambda server=server, prefix=prefix: self.lookup_load(
             prefix, server.port, users, None, seconds)) for prefix, server in self.references()]
-        contestants.append((name, self.appliance, lambda: appliance_load(seconds)))
+        contestants.append(("bare", self.bare_server, lambda: load(self.bare_server, seconds)))
+        contestants.append((name, self.appliance, lambda: load(self.appliance, seconds)))
         results = {who: [] for who, _, _ in contestants}
         cpu = {who: 0.0 for who, _, _ in contestants}
         for _ in range(rounds):
@@ -782,8 +880,10 @@ class Bench:
         f[name + "_ratio"] = ratio(f[name + "_rps"], f["reference_%s_rps" % name])
         if "threaded_reference_%s_rps" % name in f:
             f[name + "_threaded_ratio"] = ratio(f[name + "_rps"], f["threaded_reference_%s_rps" % name])
-        log("%s: %.0f req/s, reference app %.0f req/s: %.2f"
-            % (name, f[name + "_rps"], f["reference_%s_rps" % name], f[name + "_ratio"]))
+        f["bare_%s_ratio" % name] = ratio(f["bare_%s_rps" % name], f["reference_%s_rps" % name])
+        log("%s: %.0f req/s, bare SCIM server %.0f, reference app %.0f req/s: %.2f"
+            % (name, f[name + "_rps"], f["bare_%s_rps" % name], f["reference_%s_rps" % name],
+               f[name + "_ratio"]))
 
     def lookup_load(self, name, port, users, check, seconds):
         names = [user_name.swapcase() for _, user_name in users]
@@ -804,8 +904,9 @@ class Bench:
             if listing.get("totalResults") != 1:
                 raise BenchError("lookup of %s found %r" % (user_name.swapcase(), listing.get("totalResults")))
         conn.close()
-        self.paired("lookup", users, lambda seconds: self.lookup_load(
-            "lookup", self.appliance.port, users, lambda body: b'"totalResults":1' in body, seconds))
+        self.paired("lookup", users, lambda server, seconds: self.lookup_load(
+            self.phase_name("lookup", server), server.port, users,
+            lambda body: b'"totalResults":1' in body, seconds))
 
     def update(self, users):
         ids = [resource_id for resource_id, _ in users]
@@ -819,8 +920,13 @@ class Bench:
                '  local body = %s .. seq .. %s .. active .. %s\n'
                '  return wrk.format("PATCH", "/scim/Users/" .. item, nil, body)'
                % (lua_string(head), lua_string(middle), lua_string(tail)))
-        self.paired("update", users, lambda seconds: self.load(
-            "update", self.appliance.port, self.token, seconds, ids, lua, make, 200, body=True))
+        self.paired("update", users, lambda server, seconds: self.load(
+            self.phase_name("update", server), server.port, self.token, seconds, ids, lua, make, 200,
+            body=True))
+
+    def phase_name(self, name, server):
+        """The appliance's phase `name`, or the bare SCIM server's (bare_`name`)."""
+        return name if server is self.appliance else "%s_%s" % (server.name, name)
 
     def reference_figures(self):
         """Each reference app over every round, and the bulk load against it
@@ -1039,10 +1145,12 @@ ROWS = [
     ("bulk load", "bulk_cpu_ms_per_req", "ms"),
     ("lookup", "reference_lookup_rps", "req/s"),
     ("lookup", "lookup_rps", "req/s"), ("lookup", "lookup_ratio", ""), ("lookup", "lookup_threaded_ratio", ""),
+    ("lookup", "bare_lookup_rps", "req/s"), ("lookup", "bare_lookup_ratio", ""),
     ("lookup", "lookup_p50_ms", "ms"),
     ("lookup", "lookup_p99_ms", "ms"), ("lookup", "lookup_errors", ""), ("lookup", "lookup_cpu_ms_per_req", "ms"),
     ("update", "reference_update_rps", "req/s"),
     ("update", "update_rps", "req/s"), ("update", "update_ratio", ""), ("update", "update_threaded_ratio", ""),
+    ("update", "bare_update_rps", "req/s"), ("update", "bare_update_ratio", ""),
     ("update", "update_p50_ms", "ms"),
     ("update", "update_p99_ms", "ms"), ("update", "update_errors", ""), ("update", "update_cpu_ms_per_req", "ms"),
     ("groups", "group_members", ""), ("groups", "group_add_first10_ms", "ms"),
@@ -1145,6 +1253,7 @@ def parse_args(argv):
     parser.add_argument("--max-phase-seconds", type=float,
                         help="deadline of the bulk load and of the group phase (default 1800; --quick 40)")
     parser.add_argument("--serve-reference", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--bare-db", help=argparse.SUPPRESS)   # with --serve-reference: the bare SCIM server
     args = parser.parse_args(argv)
     quick = args.quick
     if args.users is None:
@@ -1170,7 +1279,10 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.serve_reference:
-        serve_reference(args.serve_reference, args.threads)
+        if args.bare_db:
+            serve_bare(args.serve_reference, args.threads, args.bare_db)
+        else:
+            serve_reference(args.serve_reference, args.threads)
         return 0
     if not os.path.exists(APPLIANCE):
         print("bench: %s not found" % APPLIANCE, file=sys.stderr)
