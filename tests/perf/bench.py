@@ -161,7 +161,7 @@ def serve_reference(port, threads):
         bottle.response.content_type = "application/scim+json"
         return REFERENCE_BODY
 
-    run_until_terminated(appliance, app, threads, port)
+    run_until_terminated(appliance, app, threads, port, "reference")
 
 
 def serve_bare(port, threads, db):
@@ -236,15 +236,15 @@ def serve_bare(port, threads, db):
             raise
         return scim_json(rendered(row[:3] + (now, row[4] + 1, None), document))
 
-    run_until_terminated(appliance, app, threads, port)
+    run_until_terminated(appliance, app, threads, port, "bare-scim")
 
 
-def run_until_terminated(appliance, app, threads, port):
+def run_until_terminated(appliance, app, threads, port, ident):
     """Serve `app` as the appliance serves (create_waitress_server: on the
     event loop with `threads` 0, else on worker threads) until SIGTERM."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     server, run_pending = appliance.create_waitress_server(app, threads, host="127.0.0.1", port=port,
-                                                           ident="reference")
+                                                           ident=ident)
     appliance.run_event_loop(server, run_pending, threading.Event())
 
 
