@@ -431,6 +431,68 @@ def test_grammar_strategy_reaches_the_database():
     assert any("[" in text for text in accepted)
 
 
+# One comparison with a string, in spellings parse_filter's shortcut takes
+# (Entra's lookups) and spellings it must leave to the grammar.
+one_comparisons = st.builds(
+    lambda lead, path, gap, operator, gap2, value, trail: "%s%s%s%s%s\"%s\"%s" % (
+        lead, path, gap, operator, gap2, value, trail),
+    st.sampled_from(["", " ", "\t", "\u00a0"]),
+    st.one_of(st.sampled_from(["userName", "externalId", "displayName", "emails.value", "meta.created",
+                               URN_ENTERPRISE + ":employeeNumber", CUSTOM + ":costCode", "and", "OR",
+                               "Not", "_x", "a-1e5", "1x", "userName[type", ".value"]),
+              st.text(st.sampled_from(FILTER_CHARS), min_size=1, max_size=8)),
+    st.sampled_from([" ", "  ", "", "\n", "\u2028"]),
+    st.sampled_from(["eq", "EQ", "Ne", "co", "sw", "ew", "gt", "lt", "ge", "le", "pr", "and", "eq$", "5", "eqx"]),
+    st.sampled_from([" ", "", "\t"]),
+    st.text(st.one_of(st.sampled_from(FILTER_CHARS), st.characters()), max_size=12),
+    st.sampled_from(["", " ", " and", ")", " \r\n", "\u00a0"]))
+
+
+@property_settings(600)
+@given(text=st.one_of(one_comparisons, random_filters, grammar_filters))
+@hypothesis.example(text='userName eq "%s"' % ("x" * scim_appliance.MAX_FILTER_LENGTH))
+@hypothesis.example(text='not eq "x"')
+@hypothesis.example(text=' And ne "x" ')
+@hypothesis.example(text='OR eq "x"')
+@hypothesis.example(text='userName eq "\ud800"')
+def test_the_one_comparison_shortcut_parses_as_the_grammar_does(text):
+    """parse_filter's shortcut gives exactly the tree, or the error, that
+    the full grammar gives."""
+    def verdict(parse):
+        kind, result = outcome(parse, text)
+        return kind, (result.to_json() if kind == "error" else result)
+    assert verdict(scim_appliance.parse_filter) == verdict(lambda text: scim_appliance._FilterParser(text).parse())
+
+
+def test_entra_lookups_take_the_shortcut(monkeypatch):
+    """The filters Entra sends on every lookup never reach the grammar."""
+    monkeypatch.setattr(scim_appliance, "_FilterParser", None)   # any use of the grammar fails
+    for text, tree in [('userName eq "Bench.User.7@contoso.example"',
+                        ("cmp", "userName", "eq", "Bench.User.7@contoso.example")),
+                       ('externalId eq "0000-7"', ("cmp", "externalId", "eq", "0000-7")),
+                       ('displayName EQ "Group é 1"', ("cmp", "displayName", "eq", "Group é 1"))]:
+        assert scim_appliance.parse_filter(text) == tree
+
+
+QUERY_PIECES = ["&", "=", "+", "%", "%2", "%FF", "%C3%A9", "%e9", "%41", "%2B", "%26", "%3D", "%00", "%ED%A0%80",
+                "filter", "Count", "é", " ", ";"]
+
+
+@property_settings(400)
+@given(query=st.lists(st.one_of(st.sampled_from(QUERY_PIECES), st.characters()), max_size=20).map("".join))
+def test_query_parameters_are_read_as_parse_qsl_reads_them(query):
+    """read_query splits and decodes as urllib.parse.parse_qsl does (blank
+    values kept, strict UTF-8), with names lower-cased; what is not UTF-8 is
+    a SCIM invalidFilter error."""
+    try:
+        expected = "ok", {name.lower(): value for name, value in urllib.parse.parse_qsl(
+            query, keep_blank_values=True, encoding="utf-8", errors="strict")}
+    except UnicodeDecodeError:
+        expected = "error", "invalidFilter"
+    kind, result = outcome(scim_appliance.read_query, {"QUERY_STRING": query})
+    assert (kind, result if kind == "ok" else result.scim_type) == expected
+
+
 # ---------------------------------------------------------------------------
 # strategies: PATCH documents
 # ---------------------------------------------------------------------------
