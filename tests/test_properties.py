@@ -4,7 +4,8 @@
    ScimError through parse_filter, filter_to_sql (User and Group), the SQL it
    produces run against a populated database, and filter_matches; over HTTP
    GET /Users and /Groups?filter= answer 200 or a SCIM 4xx, never 5xx, and
-   agree with the functions.
+   agree with the functions. parse_filter's shortcut for one comparison
+   agrees with the full grammar, and read_query with urllib's parse_qsl.
 2. Any PATCH document yields a result or a ScimError through
    read_patch_request + apply_patch, and every document the engine returns is
    one the model accepts (canonical_document round-trips it) and serialises
