@@ -16,8 +16,8 @@ import tempfile
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import LiveServer, ROOT
@@ -68,11 +68,18 @@ def submit(driver, form_selector, **fields):
 
 def click_and_wait(driver, element):
     """Click something that loads a new page, and wait until that page is
-    complete (so no later lookup finds an element of the old one)."""
-    old = driver.find_element(By.TAG_NAME, "html")
+    complete (so no later lookup finds an element of the old one).
+
+    The old page is marked on its window object, which the next document
+    replaces. (Waiting for an element of the old page to go stale raced with
+    chromedriver: checking it while it left the document could fail with
+    "Node with given id does not belong to the document".) While the browser
+    is between pages a script can fail; it is tried again.
+    """
+    driver.execute_script("window.scimOldPage = true")
     element.click()
-    WebDriverWait(driver, 20).until(expected_conditions.staleness_of(old))
-    WebDriverWait(driver, 20).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    WebDriverWait(driver, 20, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script("return !window.scimOldPage && document.readyState === 'complete'"))
 
 
 def policy_violations(driver):
