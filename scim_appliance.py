@@ -1701,13 +1701,18 @@ class Projection:
 
 COMPARE_OPERATORS = ("eq", "ne", "co", "sw", "ew", "gt", "lt", "ge", "le")
 
+# Characters of a word (attribute path, operator, and/or/not) and of a
+# string outside escapes; the one-comparison shortcut below uses them too.
+_WORD_CHAR = r"[\w$:.\-]"
+_PLAIN_STRING_CHAR = r'[^"\\\x00-\x1f]'
+
 _FILTER_TOKEN = re.compile(r"""
     (?P<space>\s+)
-  | (?P<string>"(?:[^"\\\x00-\x1f]|\\.)*")
+  | (?P<string>"(?:%s|\\.)*")
   | (?P<punct>[()\[\]])
   | (?P<number>-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?)(?![\w.:$])
-  | (?P<word>[\w$:.\-]+)
-""", re.VERBOSE | re.ASCII)   # ASCII: "١" is a digit to \d, but not to JSON
+  | (?P<word>%s+)
+""" % (_PLAIN_STRING_CHAR, _WORD_CHAR), re.VERBOSE | re.ASCII)   # ASCII: "١" is a digit to \d, but not to JSON
 
 
 def invalid_filter(detail):
@@ -1854,7 +1859,8 @@ class _FilterParser:
 # One match of this pattern gives such a filter the tree the grammar gives
 # it, at a quarter of the cost (tests/test_properties.py checks that the two
 # agree); anything else, or anything odd, goes through the grammar.
-_ONE_COMPARISON = re.compile(r'\s*([A-Za-z][\w$:.\-]*)\s+(\w+)\s+"([^"\\\x00-\x1f]*)"\s*', re.ASCII)
+_ONE_COMPARISON = re.compile(r'\s*([A-Za-z]%s*)\s+(\w+)\s+"(%s*)"\s*' % (_WORD_CHAR, _PLAIN_STRING_CHAR),
+                             re.ASCII)
 
 
 def parse_filter(text):
