@@ -27,6 +27,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import errno
 import functools
 import hashlib
 import hmac
@@ -61,6 +62,7 @@ __version__ = "0.1.0"
 
 # Limits. Each is documented in the README and, where SCIM has a place for
 # it, published in /ServiceProviderConfig.
+MB = 1024 * 1024
 MAX_BODY_BYTES = 1024 * 1024       # request bodies above this get 413
 MAX_JSON_DEPTH = 64                # nesting deeper than any SCIM document needs
 MAX_FILTER_LENGTH = 4096           # characters in a filter expression
@@ -86,6 +88,12 @@ TOKEN_TOUCH_SECONDS = 60           # how often a token's last_used is written
 TOKEN_RECHECK_SECONDS = 0.1        # a token revoked by another process fails within this
 AUTH_FAILURE_LIMIT = 10            # failed authentications allowed per client address ...
 AUTH_FAILURE_WINDOW = 60           # ... in this many seconds; then 429 until the window moves
+WAL_SIZE_LIMIT = 16 * 1024 * 1024  # bytes the -wal file is cut back to after a checkpoint
+STORAGE_PROBE_WAIT = 0.5           # while writes fail, a one-row write is tried every second, waiting this long
+FULL_HEADROOM_BYTES = MB           # after "disk full", writes count as healed once this much is free
+ACTIVITY_WRITE_WAIT = 1.0          # the activity log's writes wait this long for the lock, then retry later
+ADMIN_FLUSH_WAIT = 0.5             # the admin page waits this long to write the pending activity first
+LOOP_WRITER_THREADS = 1            # with --threads 0, SCIM writes run on this many threads of their own
 
 URN_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 URN_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
@@ -114,8 +122,10 @@ class Settings:
     host: str = "127.0.0.1"                # SCIM listener address
     port: int = 8080                       # SCIM listener port
     public_url: str = ""                   # e.g. https://scim.example.com; "" = http://host:port
-    # 0: each request runs on waitress's event-loop thread, one at a time
-    # (EventLoopDispatcher, section 11). SQLite has one writer and the GIL
+    # 0: each read runs on waitress's event-loop thread, one at a time, and
+    # each write on a writer thread of its own, where waiting for the write
+    # lock or a slow fsync holds up no read (RequestDispatcher, section 11).
+    # SQLite has one writer and the GIL
     # runs one thread's Python at a time, so worker threads add no
     # parallelism here; they add hand-offs. CPython's sqlite3 lets go of the
     # GIL around every sqlite3_step and waitress's worker around every
@@ -123,9 +133,9 @@ class Settings:
     # Measured with wrk on this machine (100,000 users, 16 connections):
     # a lookup took 0.55-0.62 ms of CPU and 7-8 context switches with one
     # worker thread, 0.31-0.32 ms and 0.1 switches on the event loop.
-    # N > 0 runs requests on N waitress worker threads instead, which only
-    # helps where requests wait on a slow disk's fsync.
-    threads: int = 0                       # 0: on the event loop; N: N worker threads
+    # N > 0 runs reads on N waitress worker threads instead, and writes on N
+    # more, which only helps where requests wait on a slow disk's fsync.
+    threads: int = 0                       # 0: reads on the event loop; N: N worker threads
     max_body_bytes: int = MAX_BODY_BYTES   # larger request bodies get 413
     durability: str = "full"               # full: fsync every commit; normal: may lose the last
     #                                        commits on power loss (never on a process crash)
@@ -137,6 +147,14 @@ class Settings:
     activity_max_rows: int = 100000        # ... and at most this many rows
     log_format: str = "plain"              # access log lines: plain or json
     log_file: str = ""                     # access log file; "" = stderr
+    # A write waits at most this long for SQLite's write lock (another
+    # process may hold it: Litestream's checkpoint, `backup`, `token`, an
+    # sqlite3 shell), then gets 503 with Retry-After. Reads never wait for it.
+    lock_timeout: float = 5.0              # seconds
+    # Below this much free space on the database's volume, writes are refused
+    # up front (503), before SQLite meets ENOSPC halfway through a commit or
+    # a checkpoint; /healthz says "full".
+    min_free_mb: int = 64                  # megabytes; 0: no floor
 
     @property
     def base_url(self):
@@ -170,6 +188,14 @@ def log_format(value):
     if value not in ("plain", "json"):
         raise ValueError("the log format is plain or json")
     return value
+
+
+def seconds(value):
+    """A non-negative number of seconds (a flag's or variable's text)."""
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("must be a number of seconds, 0 or more: %r" % value)
+    return number
 
 
 def utc_now():
@@ -238,6 +264,36 @@ class ScimError(Exception):
 
 def not_found(resource_type, resource_id):
     return ScimError(404, None, "%s %s not found" % (resource_type, resource_id))
+
+
+# What the storage can refuse, in words an admin understands, and the
+# Retry-After sent with it. A write refused for any of them changed nothing.
+STORAGE_FAULTS = {
+    "full": ("the appliance's disk is full", 30),
+    "read-only": ("the database file is read-only (its filesystem was remounted read-only, or its "
+                  "permissions changed)", 30),
+    "io-error": ("disk I/O error", 30),
+    "locked": ("the database is locked by another process (a backup, Litestream, an sqlite3 shell)", 2),
+    "corrupt": ("the database file is damaged", 300),
+}
+
+
+class StorageFault(ScimError):
+    """The storage refused a read or write: 503 Service Unavailable.
+
+    RFC 9110 §15.6.4: 503 "indicates that the server is currently unable to
+    handle the request due to a temporary overload or scheduled maintenance,
+    which will likely be alleviated after some delay. The server MAY send a
+    Retry-After header field". 503 rather than WebDAV's 507 (RFC 4918
+    §11.5) for a full disk too: every client and proxy knows 503 as "try
+    again later", and Entra retries any 5xx the same way.
+    """
+
+    def __init__(self, kind, detail=None, writing=True):
+        what, self.retry_after = STORAGE_FAULTS[kind]
+        outcome = "nothing was changed" if writing else "the request could not be answered"
+        super().__init__(503, None, detail or "%s: %s; retry later" % (what, outcome))
+        self.kind = kind
 
 
 # ============================================================================
@@ -392,17 +448,168 @@ class DatabaseError(Exception):
     """The database cannot be used (corrupt, too new, unwritable)."""
 
 
+# SQLite's primary result codes for a storage fault (sqlite.org/rescode.html),
+# and the words of their messages for Pythons before 3.11, which do not
+# carry the code on the exception.
+_FAULT_CODES = {13: "full", 10: "io-error", 8: "read-only", 5: "locked", 6: "locked", 11: "corrupt",
+                26: "corrupt", 14: "io-error"}
+_FAULT_WORDS = (("disk is full", "full"), ("disk i/o error", "io-error"), ("readonly", "read-only"),
+                ("database is locked", "locked"), ("database table is locked", "locked"),
+                ("malformed", "corrupt"), ("not a database", "corrupt"),
+                ("unable to open database", "io-error"))
+
+
+def storage_fault_kind(exc):
+    """The STORAGE_FAULTS kind of an exception from sqlite3, or None when it
+    is no storage fault (a constraint, a misuse: a bug)."""
+    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+        return None
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return _FAULT_CODES.get(code & 0xFF)
+    text = str(exc).lower()
+    return next((kind for words, kind in _FAULT_WORDS if words in text), None)
+
+
+class StorageMonitor:
+    """Whether the database takes writes, as the last real write found it,
+    and the free space on its volume: what /healthz, /metrics and the admin
+    page show while the storage fails.
+
+    A write that fails for a storage reason sets the condition; the next
+    write that commits clears it. Each change is logged once, however many
+    requests meet it.
+    """
+
+    def __init__(self, path, min_free_bytes=0, log=None):
+        self.directory = os.path.dirname(os.path.abspath(path))
+        self.min_free_bytes = min_free_bytes
+        self.log = log or (lambda line: print(line, file=sys.stderr))
+        self.condition = None                  # None, or the kind of fault the last write met
+        self.detail = None                     # ... in the words it was answered with
+        self.since = None                      # Unix time the condition began
+        self.refused = 0                       # writes refused since
+        self.errors = dict.fromkeys(STORAGE_FAULTS, 0)   # storage errors met, reads included
+        self._lock = threading.Lock()
+
+    def volume(self):
+        """(free bytes for an unprivileged user, mounted read-only) of the
+        database's volume; (None, False) when it cannot be asked."""
+        try:
+            figures = os.statvfs(self.directory)
+        except OSError:
+            return None, False
+        return figures.f_bavail * figures.f_frsize, bool(figures.f_flag & os.ST_RDONLY)
+
+    def read_only(self, path):
+        """Whether the volume refuses writes: mounted read-only, or forced
+        read-only by the kernel after an error (ext4's errors=remount-ro on
+        Linux 6 leaves the mount flags alone but answers EROFS, which setting
+        the file's times shows)."""
+        if self.volume()[1]:
+            return True
+        try:
+            os.utime(path)
+        except OSError as exc:
+            return exc.errno == errno.EROFS
+        return False
+
+    def check_space(self):
+        """Refuse a write up front while the volume is below the floor."""
+        if not self.min_free_bytes:
+            return
+        free, _ = self.volume()
+        if free is not None and free < self.min_free_bytes:
+            raise self.failed("full", "the appliance's disk is nearly full (%d MB free, below the %d MB "
+                                      "floor of --min-free-mb): nothing was changed; retry later"
+                              % (free // MB, self.min_free_bytes // MB))
+
+    def failed(self, kind, detail=None, writing=True):
+        """Count a storage error; a write's sets the condition. Returns the
+        StorageFault to raise."""
+        fault = StorageFault(kind, detail, writing)
+        with self._lock:
+            self.errors[kind] += 1
+            if not writing:
+                return fault
+            changed = kind != self.condition
+            if changed:
+                self.condition, self.detail, self.since, self.refused = kind, fault.detail, time.time(), 0
+            self.refused += 1
+        if changed:
+            self.log("scim-appliance: writes are failing: %s" % fault.detail)
+        return fault
+
+    def succeeded(self):
+        """A write committed: the storage takes writes again, unless the
+        disk was full and still is (space_is_back)."""
+        if self.condition is None:   # the usual case, without the lock
+            return
+        if self.condition == "full" and not self.space_is_back():
+            return
+        with self._lock:
+            if self.condition is None:
+                return
+            since, refused = self.since, self.refused
+            self.condition = self.detail = self.since = None
+        self.log("scim-appliance: writes succeed again, after %.1f s and %d refused" % (time.time() - since,
+                                                                                    refused))
+
+    def space_is_back(self):
+        """After a full disk: whether FULL_HEADROOM_BYTES are free again
+        (above the floor). Until then a small write can still succeed in
+        pages SQLite's WAL already holds while real ones fail, so one
+        success proves nothing."""
+        free, _ = self.volume()
+        return free is None or free >= max(self.min_free_bytes, FULL_HEADROOM_BYTES)
+
+    def health(self, volume=None):
+        """None while writes should succeed, else a one-word reason: the
+        condition the last write met, or what the volume shows now."""
+        condition = self.condition
+        if condition is not None:
+            return condition
+        free, read_only = volume or self.volume()
+        if read_only:
+            return "read-only"
+        if free is not None and free < self.min_free_bytes:
+            return "full"
+        return None
+
+    def snapshot(self):
+        """What the admin page and /metrics show, as a dict."""
+        volume = self.volume()
+        with self._lock:
+            figures = dict(condition=self.condition, detail=self.detail, since=self.since, refused=self.refused,
+                           errors=dict(self.errors))
+        figures.update(health=self.health(volume), free_bytes=volume[0], min_free_bytes=self.min_free_bytes)
+        return figures
+
+
 class Store:
     """The SQLite database: one connection per thread, explicit transactions.
 
     Every write is `BEGIN IMMEDIATE ... COMMIT`: the write lock is taken
     before anything is read, so a read-modify-write never loses an update
     made by another thread in between (design.md §2).
+
+    Every transaction ends, whatever fails: SQLite may leave a transaction
+    open when a statement or COMMIT fails with SQLITE_FULL, SQLITE_IOERR or
+    SQLITE_BUSY ("Response To Errors Within A Transaction",
+    sqlite.org/lang_transaction.html), and a connection left inside one
+    would refuse every later BEGIN. So a failure is followed by ROLLBACK
+    while `in_transaction`, and a connection whose ROLLBACK fails too is
+    discarded (the thread opens a new one). Storage errors leave as
+    StorageFault (503), recorded in `monitor`.
     """
 
-    def __init__(self, path, synchronous="FULL"):
+    def __init__(self, path, synchronous="FULL", lock_timeout=Settings.lock_timeout, min_free_bytes=0):
         self.path = path
         self.synchronous = synchronous
+        self.lock_timeout = lock_timeout
+        self.monitor = StorageMonitor(path, min_free_bytes)
         self._local = threading.local()
         self._connections = []
         self._lock = threading.Lock()
@@ -420,6 +627,10 @@ class Store:
         except sqlite3.DatabaseError as exc:   # not a database, unreadable, unwritable
             self.close()
             raise DatabaseError("%s is not a usable SQLite database: %s" % (path, exc)) from exc
+        except StorageFault as exc:
+            self.close()
+            raise DatabaseError("cannot carry %s forward to schema version %d: %s"
+                                % (path, SCHEMA_VERSION, exc.detail)) from exc
         except DatabaseError:
             self.close()
             raise
@@ -429,17 +640,77 @@ class Store:
         if conn is None:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves; Python's
             # implicit transactions lose updates under concurrency (design.md).
-            # timeout: a writer waits its turn for the lock rather than
-            # failing; a failed request is retried by Entra only 40 min later.
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+            # timeout: a writer waits its turn for the lock, within reason.
+            conn = sqlite3.connect(self.path, timeout=self.lock_timeout, isolation_level=None,
                                    check_same_thread=False)
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA synchronous=%s" % self.synchronous)
+            try:
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute("PRAGMA synchronous=%s" % self.synchronous)
+                # The WAL grows past its usual 4 MB only while checkpoints
+                # cannot finish (a long reader, a full disk); once one does,
+                # the file is cut back to this size.
+                conn.execute("PRAGMA journal_size_limit=%d" % WAL_SIZE_LIMIT)
+            except sqlite3.Error:
+                conn.close()
+                raise
             conn.create_function("scim_fold", 1, _sql_fold, deterministic=True)
             self._local.conn = conn
+            self._local.busy_ms = int(self.lock_timeout * 1000)
             with self._lock:
                 self._connections.append(conn)
         return conn
+
+    def _discard(self, conn):
+        """Close `conn` and forget it: this thread's next call opens a new one."""
+        with self._lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        try:
+            conn.close()
+        except sqlite3.Error:
+            pass
+
+    @contextlib.contextmanager
+    def _ending(self, conn):
+        """Whatever the block raises, `conn` leaves it outside a transaction:
+        rolled back, or discarded when even ROLLBACK fails."""
+        try:
+            yield
+        except BaseException:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                self._discard(conn)
+            raise
+
+    @contextlib.contextmanager
+    def _transaction(self, conn, begin, writing):
+        """`begin` ... COMMIT on `conn`, ended whatever fails (_ending); a
+        storage error leaves as the StorageFault `monitor` made of it."""
+        try:
+            with self._ending(conn):
+                conn.execute(begin)
+                tx = Transaction(conn)
+                yield tx
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            fault = self.fault_from(exc, writing)
+            if fault is None:
+                raise
+            raise fault from exc
+
+    def fault_from(self, exc, writing=False):
+        """The StorageFault for a storage error from sqlite3 (counted in
+        `monitor`; a write's also sets its condition), or None."""
+        kind = storage_fault_kind(exc)
+        if kind is None:
+            return None
+        if kind == "io-error" and self.monitor.read_only(self.path):
+            kind = "read-only"   # SQLite reports EROFS from write() as an I/O error
+        return self.monitor.failed(kind, self._locked_detail() if kind == "locked" else None, writing)
 
     def _check_integrity(self):
         """Refuse a damaged file before anything writes to it.
@@ -497,58 +768,113 @@ class Store:
     @contextlib.contextmanager
     def read(self):
         """A consistent snapshot for several SELECTs (WAL: never blocks writers)."""
-        conn = self._connection()
-        conn.execute("BEGIN")
-        try:
-            yield Transaction(conn)
-        finally:
-            conn.execute("COMMIT")
+        with self._transaction(self._connection(), "BEGIN", writing=False) as tx:
+            yield tx
 
     @contextlib.contextmanager
-    def write(self):
-        """One write transaction: committed if the block ends, rolled back if it raises."""
-        conn = self._connection()
-        with self._write_lock:
-            conn.execute("BEGIN IMMEDIATE")
-            tx = Transaction(conn)
-            try:
+    def write(self, wait=None):
+        """One write transaction: committed if the block ends, rolled back if it raises.
+
+        It waits at most `wait` seconds (default: lock_timeout) for the write
+        lock: first for this process's writers ahead of it, then for
+        SQLite's, which another process may hold. Then StorageFault
+        "locked"; below the free-space floor, StorageFault "full" at once.
+        """
+        if getattr(self._local, "writing", False):
+            raise RuntimeError("Store.write() inside Store.write(): the write lock is not reentrant")
+        wait = self.lock_timeout if wait is None else wait
+        self.monitor.check_space()
+        deadline = time.monotonic() + wait
+        if not self._write_lock.acquire(timeout=wait):
+            raise self.monitor.failed("locked", self._locked_detail())
+        self._local.writing = True
+        try:
+            conn = self._writing_connection(wait, deadline - time.monotonic())
+            with self._transaction(conn, "BEGIN IMMEDIATE", writing=True) as tx:
                 yield tx
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
             if tx.tokens_changed:
                 self.token_generation += 1
+        finally:
+            self._local.writing = False
+            self._write_lock.release()
+        self.monitor.succeeded()
+
+    def _writing_connection(self, wait, remaining):
+        """This thread's connection, its busy handler set to wait `wait`
+        seconds for SQLite's lock, or what is left of them after queueing
+        behind this process's writers."""
+        milliseconds = int(1000 * (wait if remaining > wait - 0.05 else max(0.0, remaining)))
+        try:
+            conn = self._connection()
+            if self._local.busy_ms != milliseconds:
+                conn.execute("PRAGMA busy_timeout=%d" % milliseconds)
+                self._local.busy_ms = milliseconds
+        except sqlite3.Error as exc:   # a new connection, on a volume that fails
+            fault = self.fault_from(exc, writing=True)
+            if fault is None:
+                raise
+            raise fault from exc
+        return conn
+
+    def _locked_detail(self):
+        return ("the database is locked by another process (a backup, Litestream, an sqlite3 shell) for "
+                "longer than %g s: nothing was changed; retry later" % self.lock_timeout)
+
+    def probe(self):
+        """While writes fail, try a one-row write (from the activity log's
+        thread, every ACTIVITY_FLUSH_SECONDS), so that the condition clears as soon
+        as the fault ends even when no client writes; after a full disk,
+        once space is back. Then the WAL that grew while checkpoints failed
+        is folded back (PASSIVE: it never waits)."""
+        condition = self.monitor.condition
+        if condition is None or condition == "full" and not self.monitor.space_is_back():
+            return
+        try:
+            with self.write(wait=STORAGE_PROBE_WAIT) as tx:
+                tx.touch_health(utc_now())
+            conn = self._connection()
+            with self._ending(conn):
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except (StorageFault, sqlite3.Error):
+            pass
 
     def backup_to(self, destination):
         """VACUUM INTO `destination`: a compact, consistent copy."""
-        self._connection().execute("VACUUM INTO ?", (destination,))
+        conn = self._connection()
+        with self._ending(conn):
+            conn.execute("VACUUM INTO ?", (destination,))
 
     def restore_from(self, source):
         """Overwrite this database with `source`'s pages through SQLite's
         backup API: one transaction, through the WAL, so no reader ever
         sees half of it and no stale -wal file can be replayed over it."""
-        with contextlib.closing(_open_read_only(source)) as backup:
-            backup.backup(self._connection())
+        conn = self._connection()
+        with self._write_lock, self._ending(conn), contextlib.closing(_open_read_only(source)) as backup:
+            backup.backup(conn)
         self.token_generation += 1   # other threads' token caches are stale
 
     def checkpoint(self):
         """Copy the WAL into the database file and truncate it (at shutdown,
         so the .db file alone is complete)."""
-        self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn = self._connection()
+        with self._ending(conn):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def migrate(self):
         """Carry the database forward to SCHEMA_VERSION, one transaction per step.
 
         `executescript` would commit behind our back, so statements run one
         at a time; `PRAGMA user_version` is transactional and is bumped in the
-        migration's own transaction (design.md §2).
+        migration's own transaction (design.md §2). A database already at
+        SCHEMA_VERSION is only read: it opens on a full or read-only disk.
         """
+        if self.read_once().schema_version() == SCHEMA_VERSION:
+            return
         while True:
             with self.write() as tx:
                 # Read under the write lock: another process (`token create`
                 # while `serve` starts) may have migrated in the meantime.
-                version = tx.conn.execute("PRAGMA user_version").fetchone()[0]
+                version = tx.schema_version()
                 if version > SCHEMA_VERSION:
                     raise DatabaseError("%s has schema version %d; this scim-appliance knows up to %d"
                                         % (self.path, version, SCHEMA_VERSION))
@@ -3149,8 +3475,8 @@ def check_admin_password(store, password):
 
 def provisioning_status(store, now=None):
     """What the admin page's overview shows: counts of users and groups,
-    the last token use, requests and errors in the last hour and day, and
-    the last few failed requests."""
+    the last token use, requests and errors in the last hour and day, the
+    last few failed requests, and whether the storage takes writes."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
     hour_ago = (now - datetime.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")
     day_ago = (now - datetime.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M")
@@ -3160,18 +3486,20 @@ def provisioning_status(store, now=None):
         status["last_hour"] = tx.request_totals(hour_ago)
         status["last_day"] = tx.request_totals(day_ago)
         status["recent_errors"] = tx.search_activity(failed=True, limit=5)
+    status["storage"] = store.monitor.snapshot()
     return status
 
 
 def database_figures(store):
-    """For /metrics: user and group counts, each live token's last use, and
-    the size of the database files."""
+    """For /metrics: user and group counts, each live token's last use, the
+    size of the database files, and the storage's condition."""
     with store.read() as tx:
         figures = tx.resource_counts()
         figures["last_used"] = [(token["name"], token["last_used"]) for token in tx.list_tokens()
                                 if token["last_used"] and not token["revoked"]]
     figures["bytes"] = {part: os.path.getsize(store.path + suffix) for part, suffix in (("db", ""), ("wal", "-wal"))
                         if os.path.exists(store.path + suffix)}
+    figures["storage"] = store.monitor.snapshot()
     return figures
 
 
@@ -3182,7 +3510,8 @@ def search_activity(store, text=None, failed=None, limit=ACTIVITY_PAGE_ROWS):
 
 class ActivityLog:
     """What the admin page shows of Entra's work: every write and every
-    failed request, and the number of requests and errors per minute.
+    failed request, the number of requests and errors per minute, and each
+    token's last use.
 
     The SCIM layer calls `record` once per request: a list append under a
     lock, so nothing on a request's path waits for the database. `flush`
@@ -3192,18 +3521,23 @@ class ActivityLog:
     lost; SCIM data never is (it was committed before the response). Rows
     older than `retention_days`, and beyond the newest `max_rows`, are
     pruned every ACTIVITY_PRUNE_SECONDS.
+
+    While the database cannot be written, what is pending is kept for the
+    next try, up to ACTIVITY_MAX_PENDING entries; older ones are dropped and
+    counted in `dropped`. A failed flush never reaches a SCIM request.
     """
 
     def __init__(self, store, retention_days=30, max_rows=100000, clock=time.monotonic, beat=()):
         self.store = store
         # More work for the background thread, every ACTIVITY_FLUSH_SECONDS
-        # and at `stop`: the access log's writes.
+        # and at `stop`: the access log's writes, the storage probe.
         self.beat = list(beat)
         self.retention_days = retention_days
         self.max_rows = max_rows
         self.clock = clock
-        self._pending = []
-        self._counts = {}    # minute -> [requests, errors]
+        self._pending = collections.deque(maxlen=ACTIVITY_MAX_PENDING)
+        self._counts = {}      # minute -> [requests, errors]
+        self._token_uses = {}  # token digest -> Unix time of its latest use
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._next_prune = None
@@ -3221,67 +3555,110 @@ class ActivityLog:
             counts[0] += 1
             counts[1] += status >= 400
             if entry is not None:
-                if len(self._pending) >= ACTIVITY_MAX_PENDING:   # the database has been unwritable for long
-                    self._pending.pop(0)
+                if len(self._pending) == ACTIVITY_MAX_PENDING:   # unwritable for long: the oldest goes
                     self.dropped += 1
                 self._pending.append((now,) + tuple(entry))
 
-    def flush(self, counts_due=True):
+    def _keep(self, entries):
+        """Put `entries` back before those recorded since, keeping the
+        newest ACTIVITY_MAX_PENDING. Called with _lock held."""
+        merged = entries + list(self._pending)
+        excess = max(0, len(merged) - ACTIVITY_MAX_PENDING)
+        self.dropped += excess
+        self._pending = collections.deque(merged[excess:], maxlen=ACTIVITY_MAX_PENDING)
+
+    def record_token_use(self, digest):
+        """A token authenticated a request: its last_used is written with the next flush."""
+        with self._lock:
+            self._token_uses[digest] = time.time()
+
+    def flush(self, counts_due=True, wait=None):
         """Write what is pending; prune when it is time. With `counts_due`
         false (the background beat), counts alone wait for a minute: every
         commit from this thread's connection makes the serving thread's
         connection drop its page cache, and a read-only stream of Entra
-        lookups would otherwise pay for that every second."""
-        with self._flush_lock:
-            with self._lock:
-                if not self._pending and not counts_due and self.clock() < self._next_counts:
-                    return
-                pending, self._pending = self._pending, []
-                counts, self._counts = self._counts, {}
-            self._next_counts = self.clock() + ACTIVITY_COUNTS_SECONDS
-            if pending or counts:
-                try:
-                    self._write([(utc_text(row[0]),) + row[1:] for row in pending],
-                                {utc_text(minute * 60)[:16]: tuple(figures) for minute, figures in counts.items()})
-                except sqlite3.Error:
-                    with self._lock:   # keep them for the next try
-                        self._pending[:0] = pending
-                        for minute, (requests, errors) in counts.items():
-                            merged = self._counts.setdefault(minute, [0, 0])
-                            merged[0] += requests
-                            merged[1] += errors
-                    raise
-            if self._next_prune is None or self.clock() >= self._next_prune:
-                self._next_prune = self.clock() + ACTIVITY_PRUNE_SECONDS
-                before = (datetime.datetime.now(datetime.timezone.utc)
-                          - datetime.timedelta(days=self.retention_days)).strftime("%Y-%m-%dT%H:%M:%S")
-                with self.store.write() as tx:
-                    tx.prune_activity(before, self.max_rows)
+        lookups would otherwise pay for that every second.
 
-    def _write(self, pending, counts):
+        Waits at most `wait` seconds for the write lock (default: the
+        store's lock_timeout). True when everything pending is written;
+        False when the storage refused it (it is kept for the next flush)
+        or the lock was not free in time.
+        """
+        wait = self.store.lock_timeout if wait is None else wait
+        if not self._flush_lock.acquire(timeout=wait):
+            return False
+        try:
+            with self._lock:
+                if (not self._pending and not self._token_uses and not counts_due
+                        and self.clock() < self._next_counts):
+                    return True
+                pending = list(self._pending)
+                self._pending.clear()
+                counts, self._counts = self._counts, {}
+                uses, self._token_uses = self._token_uses, {}
+            self._next_counts = self.clock() + ACTIVITY_COUNTS_SECONDS
+            try:
+                if pending or counts or uses:
+                    self._write(pending, counts, uses, wait)
+            except StorageFault:
+                self._put_back(pending, counts, uses)
+                return False
+            if self._next_prune is None or self.clock() >= self._next_prune:
+                try:
+                    self._prune(wait)
+                except StorageFault:
+                    return False   # tried again at the next flush
+            return True
+        finally:
+            self._flush_lock.release()
+
+    def _put_back(self, pending, counts, uses):
+        """Keep what a failed flush took, for the next one."""
+        with self._lock:
+            self._keep(pending)
+            for minute, (requests, errors) in counts.items():
+                merged = self._counts.setdefault(minute, [0, 0])
+                merged[0] += requests
+                merged[1] += errors
+            for digest, used in uses.items():
+                self._token_uses[digest] = max(used, self._token_uses.get(digest, used))
+
+    def _write(self, pending, counts, uses, wait):
+        rows = [(utc_text(row[0]),) + row[1:] for row in pending]
+        minutes = {utc_text(minute * 60)[:16]: tuple(figures) for minute, figures in counts.items()}
         # Names the request did not carry (a group PATCH answers 204): the
         # resource's current name, where it still exists.
         unnamed = {}
-        for _, _, _, resource_type, resource_id, resource_name, *_ in pending:
+        for _, _, _, resource_type, resource_id, resource_name, *_ in rows:
             if resource_type in RESOURCE_TYPES and resource_id and not resource_name:
                 unnamed.setdefault(RESOURCE_TYPES[resource_type].table, set()).add(resource_id)
-        with self.store.write() as tx:
+        with self.store.write(wait) as tx:
             names = {}
             for table, ids in unnamed.items():
                 names.update(tx.resource_names(table, ids))
             tx.insert_activity([row if row[5] or row[4] not in names else row[:5] + (names[row[4]],) + row[6:]
-                                for row in pending])
-            tx.add_request_counts(counts)
+                                for row in rows])
+            tx.add_request_counts(minutes)
+            for digest, used in uses.items():
+                tx.touch_token(digest, utc_text(used))
+
+    def _prune(self, wait):
+        before = (datetime.datetime.now(datetime.timezone.utc)
+                  - datetime.timedelta(days=self.retention_days)).strftime("%Y-%m-%dT%H:%M:%S")
+        with self.store.write(wait) as tx:
+            tx.prune_activity(before, self.max_rows)
+        self._next_prune = self.clock() + ACTIVITY_PRUNE_SECONDS
 
     def start(self):
-        """Flush from a background thread until `stop`."""
+        """Flush from a background thread until `stop`. A storage fault is
+        not reported here: the store's monitor logs each change of condition."""
         def run():
             while not self._stop.wait(ACTIVITY_FLUSH_SECONDS):
                 self._run_beat()
                 try:
-                    self.flush(counts_due=False)
-                except sqlite3.Error as exc:
-                    print("scim-appliance: activity log not written yet: %s" % exc, file=sys.stderr)
+                    self.flush(counts_due=False, wait=ACTIVITY_WRITE_WAIT)
+                except sqlite3.Error as exc:   # not a storage fault: a bug
+                    print("scim-appliance: activity log not written: %s" % exc, file=sys.stderr)
         self._thread = threading.Thread(target=run, name="activity-log", daemon=True)
         self._thread.start()
 
@@ -3295,14 +3672,15 @@ class ActivityLog:
             self._thread.join(timeout=10)
         self._run_beat()
         try:
-            self.flush()
+            if not self.flush():
+                print("scim-appliance: activity log not written at shutdown: %s"
+                      % (self.store.monitor.detail or "the database was busy"), file=sys.stderr)
         except sqlite3.Error as exc:
             print("scim-appliance: activity log not written: %s" % exc, file=sys.stderr)
 
 
 class TokenCheck:
-    """Authenticates bearer tokens, recording each token's last use at most
-    once a minute so that reads do not become writes.
+    """Authenticates bearer tokens.
 
     Each thread keeps the live tokens it last read. It reads them again at
     once when a commit in this process changed them (Store.token_generation),
@@ -3311,10 +3689,15 @@ class TokenCheck:
     TOKEN_RECHECK_SECONDS. So a revocation takes effect within a tenth of a
     second, and most requests make no call into SQLite for their token at
     all (each such call costs a GIL hand-off).
+
+    A token's use is handed to `on_use(digest)` (ActivityLog.record_token_use)
+    at most once a minute: last_used is written off the request's path, so
+    reads stay reads and never wait for the write lock.
     """
 
-    def __init__(self, store, clock=time.monotonic):
+    def __init__(self, store, on_use=None, clock=time.monotonic):
         self.store = store
+        self.on_use = on_use
         self.clock = clock
         self._touched = {}
         self._lock = threading.Lock()
@@ -3339,14 +3722,14 @@ class TokenCheck:
         name, digest, expires = found
         if expires is not None and expires <= utc_now():
             return None
-        now = time.monotonic()
-        with self._lock:
-            due = now - self._touched.get(digest, -TOKEN_TOUCH_SECONDS) >= TOKEN_TOUCH_SECONDS
+        if self.on_use is not None:
+            now = time.monotonic()
+            with self._lock:
+                due = now - self._touched.get(digest, -TOKEN_TOUCH_SECONDS) >= TOKEN_TOUCH_SECONDS
+                if due:
+                    self._touched[digest] = now
             if due:
-                self._touched[digest] = now
-        if due:
-            with self.store.write() as tx:
-                tx.touch_token(digest, utc_now())
+                self.on_use(digest)
         return name
 
 
@@ -3409,6 +3792,12 @@ def error_response(error):
 TOKEN_NAME_KEY = "scim_appliance.token_name"
 ACTIVITY_KEY = "scim_appliance.activity"   # {"id", "name", "summary"}
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def is_write_request(method, path):
+    """Whether a request may write (a POST .search only reads): serve() runs
+    it on a writer thread, where waiting for the write lock holds up no read."""
+    return method in WRITE_METHODS and not path.rstrip("/").endswith("/.search")
 
 
 def note_activity(environ, resource_type, resource=None, summary=None):
@@ -3526,9 +3915,12 @@ class AccessLog:
     """One line per SCIM request: time, client, method, path (query values
     left out), status, milliseconds, token name (never the token).
 
-    `plain` or `json` lines, to stderr or a file. Lines are buffered and
-    written at most every ACTIVITY_FLUSH_SECONDS (and at shutdown), so a
-    request never waits for the log's disk or pipe.
+    `plain` or `json` lines, to stderr (a text stream) or a file opened
+    unbuffered in binary append mode. Lines are buffered and written at most
+    every ACTIVITY_FLUSH_SECONDS (and at shutdown), so a request never waits
+    for the log's disk or pipe. Lines that cannot be written (a full disk)
+    are dropped and counted in `dropped`; that is said once when it starts
+    and once when the log is written again.
     """
 
     def __init__(self, form="plain", stream=None):
@@ -3536,6 +3928,9 @@ class AccessLog:
         self.stream = stream or sys.stderr
         self._lines = []
         self._lock = threading.Lock()
+        self.dropped = 0
+        self._failing = False
+        self._torn = False   # the last write stopped within a line
 
     def record(self, environ, status, seconds):
         entry = (time.time(), environ.get("REMOTE_ADDR", "-"), environ.get("REQUEST_METHOD", "-"),
@@ -3560,12 +3955,39 @@ class AccessLog:
     def flush(self):
         with self._lock:
             lines, self._lines = self._lines, []
-        if lines:
-            try:
-                self.stream.write("".join(self.format(entry) for entry in lines))
+        if not lines:
+            return
+        text = "".join(self.format(entry) for entry in lines)
+        try:
+            if isinstance(self.stream, io.TextIOBase):
+                self.stream.write(text)
                 self.stream.flush()
-            except (OSError, ValueError) as exc:   # a full disk must not take the server down
-                print("scim-appliance: access log not written: %s" % exc, file=sys.__stderr__)
+            else:
+                self._write_bytes(text.encode("utf-8"))
+        except (OSError, ValueError) as exc:   # a full disk must not take the server down
+            self.dropped += len(lines)
+            if not self._failing:
+                self._failing = True
+                print("scim-appliance: access log not written (%s): its lines are dropped until it can be "
+                      "written again" % exc, file=sys.__stderr__)
+            return
+        if self._failing:
+            self._failing = False
+            print("scim-appliance: access log written again (%d lines dropped so far)" % self.dropped,
+                  file=sys.__stderr__)
+
+    def _write_bytes(self, data):
+        """All of `data` to the unbuffered file, in as few writes as it takes;
+        after a write that stopped within a line, the next one starts on a
+        line of its own."""
+        if self._torn:
+            data = b"\n" + data
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self.stream.write(view):]
+        finally:
+            self._torn = bool(view) and (len(view) < len(data) or self._torn)
 
 
 # What JSON escapes in a string (json.dumps, ensure_ascii=False).
@@ -3845,7 +4267,7 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
     write and every failure, in `metrics` (RequestMetrics), and gets a line
     in `access_log` (AccessLog)."""
     base_url = settings.base_url
-    check_token = TokenCheck(store)
+    check_token = TokenCheck(store, activity.record_token_use if activity is not None else None)
     throttle = AuthThrottle()
     config, resource_types, schemas = discovery_documents(base_url)
     routes = {}   # path pattern (segments after /scim; "*" is one segment, "**" the rest) -> {method: route}
@@ -4043,18 +4465,23 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
         return handler(environ, *wildcards)
 
     def health(environ):
-        """GET /healthz, for the proxy and monitoring: 200 when the database
-        answers a read and takes a write, else 503; no data either way."""
+        """GET /healthz, for the proxy and monitoring: 200 "ok" when the
+        database answers a read and takes writes; else 503 and one word: a
+        STORAGE_FAULTS kind, or "unreadable". It writes nothing and never waits: whether writes
+        succeed is what the last real write found (StorageMonitor), and the
+        volume's free space and read-only flag are asked of the kernel."""
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             return Response(405, [("Allow", "GET, HEAD")])
-        try:
-            with store.write() as tx:
-                tx.touch_health(utc_now())
-                tx.schema_version()
-            return Response(200, [("Cache-Control", "no-store")])
-        except (sqlite3.Error, OSError) as exc:
-            print("scim-appliance: /healthz: the database is not usable: %s" % exc, file=sys.stderr)
-            return Response(503, [("Cache-Control", "no-store")])
+        reason = store.monitor.health()
+        if reason is None:
+            try:
+                store.read_once().schema_version()
+            except sqlite3.Error as exc:
+                fault = store.fault_from(exc)
+                reason = fault.kind if fault is not None else "unreadable"
+        return Response(200 if reason is None else 503,
+                        [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")],
+                        (reason or "ok").encode() + b"\n")
 
     def respond(environ):
         """dispatch's Response, or the SCIM error it failed with; counted and
@@ -4072,6 +4499,11 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
             error = ScimError(400, "invalidSyntax", "the path is not valid UTF-8")
         except ScimError as exc:
             error = exc
+        except sqlite3.Error as exc:   # a read the storage refused (writes raise StorageFault)
+            error = store.fault_from(exc)
+            if error is None:
+                traceback.print_exc(file=sys.stderr)
+                error = ScimError(500, None, "internal server error")
         except Exception:   # a bug: log it, tell the client nothing about it
             traceback.print_exc(file=sys.stderr)
             error = ScimError(500, None, "internal server error")
@@ -4293,7 +4725,22 @@ started (in its console or log), and choose the password for this page.</p>
   <button type="submit">Log in</button>
 </form>
 """),
-    "overview": _template("""<section class="card">
+    "overview": _template("""% if storage['health']:
+<section class="card alert" id="storage-alert" role="alert">
+  <h2>Writes are failing</h2>
+  % if storage['condition']:
+  <p>{{storage['detail']}}</p>
+  <p>Since <time>{{storage['since_text']}}</time>: {{storage['refused']}} writes refused. Reads still work;
+     writes succeed again by themselves once the cause is gone.</p>
+  % elif storage['health'] == 'full':
+  <p>The data volume is below the free-space floor of {{storage['floor_mb']}} MB: writes are refused
+     until space is freed.</p>
+  % else:
+  <p>The data volume is mounted read-only: writes will fail until it is writable again.</p>
+  % end
+</section>
+% end
+<section class="card">
   <h2>Connect Microsoft Entra ID</h2>
   <p>In the enterprise application's <em>Provisioning</em> page, set <em>Tenant URL</em> to</p>
   <p class="copyable"><code id="tenant-url">{{tenant_url}}</code>
@@ -4313,6 +4760,8 @@ started (in its console or log), and choose the password for this page.</p>
     <dt>Last day</dt><dd id="last-day">{{last_day[0]}} requests, {{last_day[1]}} errors</dd>
     <dt>Users</dt><dd id="users">{{active_users}} active, {{inactive_users}} inactive</dd>
     <dt>Groups</dt><dd id="groups">{{groups}}</dd>
+    <dt>Free space</dt><dd id="free-space">{{'unknown' if storage['free_mb'] is None else
+        '%d MB' % storage['free_mb']}} on the data volume (writes stop below {{storage['floor_mb']}} MB)</dd>
   </dl>
   <h3>Latest errors</h3>
   % if recent_errors:
@@ -4413,13 +4862,21 @@ started (in its console or log), and choose the password for this page.</p>
 }
 
 
+def _storage_view(storage):
+    """StorageMonitor.snapshot() with what the overview shows of it as text."""
+    return dict(storage, since_text=utc_text(storage["since"]) if storage["since"] else "",
+                free_mb=None if storage["free_bytes"] is None else storage["free_bytes"] // MB,
+                floor_mb=storage["min_free_bytes"] // MB)
+
+
 def _label(value):
     """A Prometheus label value: backslash, double quote and newline escaped."""
     return '"%s"' % str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def prometheus_text(metrics, store, now=None):
-    """/metrics in the Prometheus text exposition format (version 0.0.4)."""
+def prometheus_text(metrics, store, now=None, dropped=None):
+    """/metrics in the Prometheus text exposition format (version 0.0.4).
+    `dropped`: {log name: entries dropped} of the activity and access logs."""
     now = time.time() if now is None else now
     requests, buckets, duration_sum = metrics.snapshot()
     lines = ["# HELP scim_requests_total SCIM requests answered, by method, route and status.",
@@ -4450,16 +4907,33 @@ def prometheus_text(metrics, store, now=None):
     lines += ["# HELP scim_database_bytes Size of the database files.", "# TYPE scim_database_bytes gauge"]
     for part, size in sorted(figures["bytes"].items()):
         lines.append("scim_database_bytes{file=%s} %d" % (_label(part), size))
+    storage = figures["storage"]
+    lines += ["# HELP scim_storage_writable 1 while the database takes writes, 0 while /healthz says why not.",
+              "# TYPE scim_storage_writable gauge",
+              "scim_storage_writable %d" % (storage["health"] is None),
+              "# HELP scim_storage_errors_total Storage errors met by reads and writes, by kind.",
+              "# TYPE scim_storage_errors_total counter"]
+    for kind, count in sorted(storage["errors"].items()):
+        lines.append("scim_storage_errors_total{kind=%s} %d" % (_label(kind), count))
+    if storage["free_bytes"] is not None:
+        lines += ["# HELP scim_data_volume_free_bytes Free bytes on the database's volume.",
+                  "# TYPE scim_data_volume_free_bytes gauge",
+                  "scim_data_volume_free_bytes %d" % storage["free_bytes"]]
+    lines += ["# HELP scim_log_lines_dropped_total Log entries that could not be written and were dropped.",
+              "# TYPE scim_log_lines_dropped_total counter"]
+    for log, dropped in sorted((dropped or {}).items()):
+        lines.append("scim_log_lines_dropped_total{log=%s} %d" % (_label(log), dropped))
     lines += ["# HELP scim_process_start_time_seconds When the server started (Unix time).",
               "# TYPE scim_process_start_time_seconds gauge",
               "scim_process_start_time_seconds %.3f" % metrics.started]
     return "\n".join(lines) + "\n"
 
 
-def make_admin_app(store, settings, activity, setup_code=None, metrics=None):
+def make_admin_app(store, settings, activity, setup_code=None, metrics=None, access_log=None):
     """The admin page as a WSGI application. `setup_code` is the one-time
     code printed at start when no admin password existed; `metrics` (the
-    SCIM app's RequestMetrics) are served at /metrics."""
+    SCIM app's RequestMetrics) are served at /metrics, with the lines the
+    activity log and `access_log` dropped."""
     app = bottle.Bottle()
     app.config["catchall"] = False
     sessions = AdminSessions()
@@ -4546,6 +5020,9 @@ def make_admin_app(store, settings, activity, setup_code=None, metrics=None):
         except ValueError as exc:
             return render("setup", "First-time setup", session, 400, str(exc), "error",
                           min_length=MIN_ADMIN_PASSWORD)
+        except StorageFault as exc:
+            return render("setup", "First-time setup", session, 503, "Not saved: %s." % exc.detail, "error",
+                          min_length=MIN_ADMIN_PASSWORD)
         setup["digest"] = None   # used up
         return log_in()
 
@@ -4587,8 +5064,10 @@ def make_admin_app(store, settings, activity, setup_code=None, metrics=None):
     @app.get("/")
     def overview():
         session = logged_in_session()
-        activity.flush()
-        return render("overview", "Overview", session, tenant_url=tenant_url, **provisioning_status(store))
+        activity.flush(wait=ADMIN_FLUSH_WAIT)
+        status = provisioning_status(store)
+        status["storage"] = _storage_view(status["storage"])
+        return render("overview", "Overview", session, tenant_url=tenant_url, **status)
 
     def tokens_page(session, http_status=200, message=None, kind="info", **shown):
         values = dict(new_token=None, new_token_name=None, rotated_from=None)
@@ -4598,17 +5077,22 @@ def make_admin_app(store, settings, activity, setup_code=None, metrics=None):
 
     @app.get("/tokens")
     def tokens():
-        return tokens_page(logged_in_session())
+        session = logged_in_session()
+        activity.flush(wait=ADMIN_FLUSH_WAIT)   # the tokens' latest uses
+        return tokens_page(session)
 
     def token_form(action):
         """A POST of the tokens page: `action(form)` returns tokens_page's
-        keyword arguments; a ValueError it raises is shown as a 400."""
+        keyword arguments; a ValueError it raises is shown as a 400, a
+        storage fault as a 503."""
         session = logged_in_session()
         check_form(session)
         try:
             return tokens_page(session, **action(bottle.request.forms))
         except ValueError as exc:
             return tokens_page(session, 400, str(exc), "error")
+        except StorageFault as exc:
+            return tokens_page(session, 503, "Not saved: %s." % exc.detail, "error")
 
     @app.post("/tokens")
     def generate():
@@ -4643,7 +5127,7 @@ def make_admin_app(store, settings, activity, setup_code=None, metrics=None):
     @app.get("/activity")
     def activity_page():
         session = logged_in_session()
-        activity.flush()
+        activity.flush(wait=ADMIN_FLUSH_WAIT)
         query = (bottle.request.query.getunicode("q") or "").strip()
         status = bottle.request.query.getunicode("status") or ""
         failed = {"ok": False, "failed": True}.get(status)
@@ -4658,7 +5142,11 @@ def make_admin_app(store, settings, activity, setup_code=None, metrics=None):
         if metrics is None:
             raise bottle.HTTPError(404, "There is no such page here.")
         bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        return prometheus_text(metrics, store)
+        activity.flush(wait=ADMIN_FLUSH_WAIT)   # the tokens' latest uses
+        dropped = {"activity": activity.dropped}
+        if access_log is not None:
+            dropped["access"] = access_log.dropped
+        return prometheus_text(metrics, store, dropped=dropped)
 
     @app.get("/static/<path:path>")
     def static(path):
@@ -4718,6 +5206,12 @@ SETTINGS_TABLE = (
      "access log lines: plain or json (one object per line)"),
     ("log_file", "--log-file", "SCIM_APPLIANCE_LOG_FILE", str, "append the access log to this file "
                                                                  "(default: stderr)"),
+    ("lock_timeout", "--lock-timeout", "SCIM_APPLIANCE_LOCK_TIMEOUT", seconds,
+     "seconds a write waits for the database's write lock (another process may hold it: a backup, "
+     "Litestream, an sqlite3 shell) before it is answered 503 with Retry-After; reads never wait for it"),
+    ("min_free_mb", "--min-free-mb", "SCIM_APPLIANCE_MIN_FREE_MB", int,
+     "below this many megabytes free on the database's volume, writes are refused with 503 and "
+     "/healthz says full; 0: no floor"),
 )
 
 
@@ -4839,35 +5333,67 @@ def _strict_channel_class():
     return StrictChannel
 
 
-class EventLoopDispatcher:
-    """waitress's task dispatcher, without threads: each request runs on the
-    event loop's own thread, one at a time, in the order requests arrived.
+_UNUSED_LOG = logging.getLogger("scim-appliance.unused")
+_UNUSED_LOG.disabled = True
+
+
+class RequestDispatcher:
+    """waitress's task dispatcher, in three lanes: reads on the event loop's
+    own thread (`threads` 0) or on `threads` worker threads; and, with
+    `writers`, requests that `is_write(method, path)` says may write on
+    `writers` threads of their own.
 
     waitress hands a channel with a complete request to `add_task` (the
-    request and its body are already read in full) and a worker thread calls
-    `channel.service()`, which runs the application and writes the response.
-    Here serve() calls `run_pending` after each pass of the event loop
-    instead: `add_task` is called with the channel's lock held, so it only
-    queues. No GIL hand-off between threads remains on a request's path (see
-    Settings.threads for what they cost).
+    request and its body are already read in full) and a thread calls
+    `channel.service()`, which runs the application and writes the
+    response. On the event loop, serve() calls `run_pending` after each pass
+    of the loop instead: `add_task` is called with the channel's lock held,
+    so it only queues. No GIL hand-off between threads remains on a read's
+    path (see Settings.threads for what they cost).
 
-    A task must then never wait for the event loop: waitress's write_soon
-    blocks once a response has more than `outbuf_high_watermark` bytes
-    unsent, until the loop sends some, so serve() sets that mark out of
-    reach; unsent bytes beyond `outbuf_overflow` wait in a temporary file.
+    Writes get threads of their own because a write may wait: for SQLite's
+    write lock, which another process can hold for seconds (Litestream, a
+    backup, an sqlite3 shell), and for fsync on a slow disk. On the loop's
+    thread, or on the readers' threads, that wait would hold up every read
+    and /healthz behind it; on a writer thread it holds up only the writes,
+    which would wait for the same lock anyway.
+
+    A task on the loop's thread must never wait for the loop: waitress's
+    write_soon blocks once a response has more than `outbuf_high_watermark`
+    bytes unsent, until the loop sends some, so create_waitress_server sets
+    that mark out of reach; unsent bytes beyond `outbuf_overflow` wait in a
+    temporary file.
     """
 
-    def __init__(self):
-        self.queue = collections.deque()
+    def __init__(self, threads=0, writers=0, is_write=None):
+        import waitress.task
+        self.queue = collections.deque()   # what the loop runs
+        self.is_write = is_write
+        self.readers = self.writers = None
+        if threads:
+            self.readers = waitress.task.ThreadedTaskDispatcher()
+            self.readers.set_thread_count(threads)
+        if writers:
+            self.writers = waitress.task.ThreadedTaskDispatcher()
+            self.writers.set_thread_count(writers)
+            # Writes queue for their lane by design (SQLite has one writer):
+            # waitress's "Task queue depth" warning would say so all day.
+            self.writers.queue_logger = _UNUSED_LOG
 
     def set_thread_count(self, count):
-        pass   # waitress passes its `threads` setting; this dispatcher has none
+        pass   # waitress passes its `threads` setting; the lanes were sized in __init__
 
     def add_task(self, channel):
-        self.queue.append(channel)
+        request = channel.requests[0]   # the one channel.service() runs next
+        if self.writers is not None and not request.error and self.is_write(request.command, request.path):
+            self.writers.add_task(channel)
+        elif self.readers is not None:
+            self.readers.add_task(channel)
+        else:
+            self.queue.append(channel)
 
     def run_pending(self):
-        """Service every queued request; True if there were any."""
+        """Service every request queued for the loop; True if there were any."""
         ran = bool(self.queue)
         while self.queue:
             channel = self.queue.popleft()
@@ -4879,24 +5405,24 @@ class EventLoopDispatcher:
 
     def shutdown(self, cancel_pending=True, timeout=5):
         self.queue.clear()   # called after _drain, which ran everything received
+        for lane in (self.readers, self.writers):
+            if lane is not None:
+                lane.shutdown(cancel_pending, timeout)
         return True
 
 
-def create_waitress_server(app, threads, **options):
+def create_waitress_server(app, threads, writers=0, is_write=None, **options):
     """A waitress server for `app` and the function the event loop calls
-    after each pass: with `threads` 0 requests run on the loop's thread
-    (EventLoopDispatcher), else on that many worker threads. Returns
-    (server, run_pending)."""
+    after each pass: with `threads` 0 reads run on the loop's thread, else
+    on that many worker threads; with `writers`, what `is_write` picks runs
+    on that many threads of its own (RequestDispatcher). Returns (server,
+    run_pending)."""
     import waitress.server
+    dispatcher = RequestDispatcher(threads, writers, is_write)
     if threads == 0:
-        dispatcher = EventLoopDispatcher()
-        # A task on the loop's thread must never wait for the loop to send.
-        options.update(_dispatcher=dispatcher, outbuf_high_watermark=2 ** 62)
-        run_pending = dispatcher.run_pending
-    else:
-        def run_pending():
-            return False   # the worker threads run what waitress queues
-    return waitress.server.create_server(app, threads=max(1, threads), **options), run_pending
+        options.update(outbuf_high_watermark=2 ** 62)   # a task on the loop's thread never waits for the loop
+    server = waitress.server.create_server(app, threads=max(1, threads), _dispatcher=dispatcher, **options)
+    return server, dispatcher.run_pending
 
 
 def run_event_loop(server, run_pending, stopping, timeout=STOP_CHECK_SECONDS):
@@ -4965,12 +5491,14 @@ def serve(settings, out=sys.stdout):
     if not locked:
         raise SystemExit("scim-appliance: another scim-appliance is serving %s" % settings.db)
     try:
-        store = Store(settings.db, synchronous=settings.durability.upper())
+        store = Store(settings.db, synchronous=settings.durability.upper(), lock_timeout=settings.lock_timeout,
+                      min_free_bytes=settings.min_free_mb * MB)
     except BaseException:
         lock.release()
         raise
     try:
-        log_stream = open(settings.log_file, "a", encoding="utf-8") if settings.log_file else sys.stderr
+        # Unbuffered: a write that fails (a full disk) leaves nothing behind to write twice.
+        log_stream = open(settings.log_file, "ab", buffering=0) if settings.log_file else sys.stderr
     except OSError as exc:
         store.close()
         lock.release()
@@ -4979,10 +5507,10 @@ def serve(settings, out=sys.stdout):
     access_log = AccessLog(settings.log_format, log_stream)
     metrics = RequestMetrics()
     activity = ActivityLog(store, settings.activity_days, settings.activity_max_rows,
-                           beat=[access_log.flush])
+                           beat=[access_log.flush, store.probe])
     setup_code = None if has_admin_password(store) else generate_setup_code()
     app = make_scim_app(store, settings, activity, metrics, access_log)
-    admin_app = make_admin_app(store, settings, activity, setup_code, metrics)
+    admin_app = make_admin_app(store, settings, activity, setup_code, metrics, access_log)
     proxy = {}
     if settings.trusted_proxy:
         # waitress rewrites REMOTE_ADDR from X-Forwarded-For, but only for
@@ -4993,7 +5521,8 @@ def serve(settings, out=sys.stdout):
     try:
         listening = (settings.host, settings.port)
         server, run_pending = create_waitress_server(
-            app, settings.threads, host=settings.host, port=settings.port,
+            app, settings.threads, writers=settings.threads or LOOP_WRITER_THREADS, is_write=is_write_request,
+            host=settings.host, port=settings.port,
             ident="scim-appliance", clear_untrusted_proxy_headers=True,
             # Our own limit answers with a SCIM 413; waitress's is a backstop.
             max_request_body_size=settings.max_body_bytes * 4,
@@ -5250,6 +5779,7 @@ def main(argv=None):
     try:
         if args.command == "serve":
             _positive(args.threads, "--threads", least=0)
+            _positive(args.min_free_mb, "--min-free-mb", least=0)
             _positive(args.max_body_bytes, "--max-body-bytes")
             settings = Settings(**{field: getattr(args, field) for field, *_ in SETTINGS_TABLE})
             serve(settings)
@@ -5317,7 +5847,7 @@ def main(argv=None):
                 print("revoked %s" % args.name, file=sys.stderr)
         finally:
             store.close()
-    except (ValueError, DatabaseError, sqlite3.Error, OSError) as exc:
+    except (ValueError, DatabaseError, sqlite3.Error, OSError, StorageFault) as exc:
         print("scim-appliance: %s" % exc, file=sys.stderr)
         return 1
     return 0

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -166,10 +167,36 @@ def stored_members(db, group_id):
 
 # -- a real server process ------------------------------------------------------
 
+def free_ports(count):
+    """`count` different free loopback ports. They are bound all at once and
+    then let go: two binds to port 0 one after the other return the same
+    port now and then (about 7 times in 100,000)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sockets.append(socket.socket())
+            sockets[-1].bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def wait_for(condition, timeout=30, interval=0.05, what="the condition"):
+    """Call `condition` until it returns something true, and return that;
+    fail after `timeout` seconds (generous: the machine may be loaded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("%s did not hold within %g s" % (what, timeout))
+        time.sleep(interval)
 
 
 def receive_until_closed(sock, size=1 << 16):
@@ -193,6 +220,30 @@ def run_cli(*args, env=None, check=True, timeout=30):
     return result
 
 
+def read_only(path):
+    """What the customer's software does: open the file read-only."""
+    return sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path)), uri=True, timeout=30)
+
+
+def query(path, sql, params=()):
+    """The rows of one SELECT on a database file, read-only."""
+    conn = read_only(path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def healthz(port, method="GET"):
+    """(status, headers, raw body) of /healthz over real HTTP, with no token."""
+    request = urllib.request.Request("http://127.0.0.1:%d/healthz" % port, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
 def http_json(method, url, body=None, token=None, headers=None):
     """(status, headers, parsed JSON or None) for one request to an absolute URL."""
     all_headers = {"Content-Type": SCIM_JSON} if body is not None else {}
@@ -211,13 +262,15 @@ def http_json(method, url, body=None, token=None, headers=None):
 
 
 class LiveServer:
-    """`python scim_appliance.py serve` in a subprocess on a free loopback port."""
+    """`python scim_appliance.py serve` in a subprocess on a free loopback port
+    (or `port`); `wrapper` is a command to run it under (`fiu-run -x`)."""
 
-    def __init__(self, db_path, extra_args=(), env=None):
+    def __init__(self, db_path, extra_args=(), env=None, port=None, wrapper=()):
         self.db_path = db_path
-        self.port = free_port()
+        scim_port, admin_port = free_ports(2)
+        self.port = port or scim_port
         if "--admin-port" not in extra_args:
-            extra_args = ["--admin-port", str(free_port())] + list(extra_args)
+            extra_args = ["--admin-port", str(admin_port)] + list(extra_args)
         if "--log-file" not in extra_args:
             # The access log (a line per request) in a file: a pipe nobody
             # reads until the end would fill up and stall the server.
@@ -229,8 +282,8 @@ class LiveServer:
         full_env = dict(os.environ)
         full_env.update(env or {})
         self.process = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "scim_appliance.py"), "serve", "--db", db_path,
-             "--port", str(self.port)] + list(extra_args),
+            list(wrapper) + [sys.executable, os.path.join(ROOT, "scim_appliance.py"), "serve", "--db", db_path,
+                             "--port", str(self.port)] + list(extra_args),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT)
         self.banner = self._wait_until_listening()
         self.url = "http://127.0.0.1:%d/scim" % self.port
@@ -276,13 +329,18 @@ class LiveServer:
         return self.output
 
 
+def start_live_server(db_path, extra_args=(), wrapper=()):
+    """A LiveServer on `db_path`, with a token named entra made by `token create`."""
+    token = run_cli("token", "create", "--name", "entra", "--db", db_path).stdout.strip()
+    server = LiveServer(db_path, list(extra_args), wrapper=wrapper)
+    server.token = token
+    return server
+
+
 @pytest.fixture
 def live_server(tmp_path):
     """A real server on a fresh database, with a token made by `token create`."""
-    db_path = str(tmp_path / "live.db")
-    token = run_cli("token", "create", "--name", "entra", "--db", db_path).stdout.strip()
-    server = LiveServer(db_path)
-    server.token = token
+    server = start_live_server(str(tmp_path / "live.db"))
     yield server
     server.stop()
 

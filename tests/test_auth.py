@@ -211,10 +211,13 @@ def test_bad_token_name_is_refused(store, db, name):
     assert db.execute("SELECT count(*) FROM tokens").fetchone()[0] == 0
 
 
-def test_last_used_is_recorded_on_first_use_and_throttled(store, client, db, token, monkeypatch):
-    """last_used is written on first use, then at most every TOKEN_TOUCH_SECONDS, so reads stay reads."""
+def test_last_used_is_recorded_on_first_use_and_throttled(store, client, activity, db, token, monkeypatch):
+    """last_used is noted on first use, then at most every TOKEN_TOUCH_SECONDS,
+    and written by the activity log's flush: a read never writes on its own path."""
     assert token_row(db, "entra")["last_used"] is None
     client.get("/Users")
+    assert token_row(db, "entra")["last_used"] is None   # the request itself wrote nothing
+    activity.flush()
     first = token_row(db, "entra")["last_used"]
     assert first is not None and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first)
     # A sentinel shows whether later requests write again.
@@ -223,17 +226,23 @@ def test_last_used_is_recorded_on_first_use_and_throttled(store, client, db, tok
         tx.conn.execute("UPDATE tokens SET last_used = ? WHERE name = 'entra'", (sentinel,))
     client.get("/Users")
     client.create_user("busy@example.com")
+    activity.flush()
     assert token_row(db, "entra")["last_used"] == sentinel
-    # With the throttle at zero the next request writes: it is the throttle that held it back.
+    # With the throttle at zero the next request is noted: it is the throttle that held it back.
     monkeypatch.setattr(scim_appliance, "TOKEN_TOUCH_SECONDS", 0)
     client.get("/Users")
+    activity.flush()
     assert token_row(db, "entra")["last_used"] > sentinel
 
 
-def test_failed_authentication_does_not_touch_last_used(client, anonymous, db, token):
+def test_failed_authentication_does_not_touch_last_used(client, anonymous, activity, db, token, monkeypatch):
+    monkeypatch.setattr(scim_appliance, "TOKEN_TOUCH_SECONDS", 0)   # every use of the token is noted
     client.get("/Users")
+    activity.flush()
     used = token_row(db, "entra")["last_used"]
+    assert used is not None
     anonymous.get("/Users", status=401, headers={"Authorization": "Bearer " + token + "x"})
+    activity.flush()
     assert token_row(db, "entra")["last_used"] == used
 
 
@@ -595,11 +604,11 @@ def test_token_check_reads_tokens_again_only_after_a_token_change(store, token, 
                         lambda tx: reads.append(1) or original(tx))
     now = [1000.0]
     check = scim_appliance.TokenCheck(store, clock=lambda: now[0])
-    assert check(token) == "entra" and len(reads) == 1   # reads, then commits last_used
+    assert check(token) == "entra" and len(reads) == 1
     scim_appliance.create_resource(store, scim_appliance.USER,
                                    {"schemas": [URN_USER], "userName": "w@example.com"}, "http://x/scim")
     assert check(token) == "entra" and check("wrong") is None and check(token) == "entra"
-    assert len(reads) == 1               # last_used and a user written on this connection: no query
+    assert len(reads) == 1               # a user written on this connection: no query
     reads.clear()
     now[0] += 5 * scim_appliance.TOKEN_RECHECK_SECONDS
     assert check(token) == "entra" and reads == []   # nothing committed by anyone else: no query

@@ -20,7 +20,7 @@ import pytest
 import webtest
 
 import scim_appliance
-from conftest import PUBLIC_URL, ROOT, LiveServer, free_port, run_cli
+from conftest import PUBLIC_URL, ROOT, LiveServer, free_ports, healthz, query, read_only, run_cli
 
 FIXTURE_V1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "schema-v1.db")
 V1_TOKEN = "scimapp_zKzXEOcyVHYUPhHMaFZQHmFh11baq7iSZt8YeP6XujE"
@@ -57,19 +57,6 @@ def copy_v1(tmp_path, name="v1.db"):
     return path
 
 
-def read_only(path):
-    """What the customer's software does: open the file read-only."""
-    return sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path)), uri=True, timeout=30)
-
-
-def query(path, sql, params=()):
-    conn = read_only(path)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
 def file_state(path):
     """The bytes and modification time of a file: proof nothing wrote to it."""
     with open(path, "rb") as handle:
@@ -95,16 +82,6 @@ def make_database(path, users=("someone@contoso.example",)):
 def sidecar_files(directory):
     """The files in `directory` but the restore lock (DB.lock, empty, left by design)."""
     return sorted(name for name in os.listdir(directory) if not name.endswith(".lock"))
-
-
-def healthz(port, method="GET"):
-    """(status, headers, raw body) of /healthz over real HTTP, with no token."""
-    request = urllib.request.Request("http://127.0.0.1:%d/healthz" % port, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.headers, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.headers, error.read()
 
 
 def entra_user(user_name, **extra):
@@ -830,29 +807,29 @@ def test_export_streams_memory_does_not_grow_with_the_directory(tmp_path):
 
 def test_healthz_answers_without_a_token_on_the_real_server(live_server):
     status, headers, body = healthz(live_server.port)
-    assert status == 200 and body == b""
+    assert status == 200 and body == b"ok\n"
     assert headers.get("Cache-Control") == "no-store"
+    assert headers.get("Content-Type") == "text/plain; charset=utf-8"
     status, _, body = healthz(live_server.port, "HEAD")
     assert status == 200 and body == b""
     status, headers, _ = healthz(live_server.port, "POST")
     assert status == 405 and headers.get("Allow") == "GET, HEAD"
     # The SCIM endpoints still want a token.
     assert live_server.request("GET", "/Users", token="")[0] == 401
-    # It proved a write: the health row is there.
-    assert len(query(live_server.db_path, "SELECT checked FROM health")) == 1
+    # A probe is not a write: whether writes succeed is what the last real write found.
+    assert query(live_server.db_path, "SELECT checked FROM health") == []
 
 
-def test_healthz_writes_and_is_not_counted_in_the_activity_log(wsgi_app, activity, db):
+def test_healthz_writes_nothing_and_is_not_counted_in_the_activity_log(wsgi_app, activity, db):
     app = webtest.TestApp(wsgi_app)
+    version = db.execute("PRAGMA data_version").fetchone()[0]
     response = app.get("/healthz")
-    assert response.status_int == 200 and response.body == b""
+    assert response.status_int == 200 and response.body == b"ok\n"
     assert response.headers["Cache-Control"] == "no-store"
-    first = db.execute("SELECT checked FROM health WHERE id = 1").fetchone()[0]
-    time.sleep(0.01)
     assert app.head("/healthz").status_int == 200
-    assert db.execute("SELECT checked FROM health WHERE id = 1").fetchone()[0] > first
     response = app.post("/healthz", status=405)
     assert response.headers["Allow"] == "GET, HEAD" and response.body == b""
+    assert db.execute("PRAGMA data_version").fetchone()[0] == version   # nobody committed anything
 
     activity.flush()
     assert db.execute("SELECT count(*) FROM activity").fetchone()[0] == 0
@@ -863,40 +840,42 @@ def test_healthz_writes_and_is_not_counted_in_the_activity_log(wsgi_app, activit
     assert db.execute("SELECT coalesce(sum(requests), 0) FROM request_counts").fetchone()[0] == 1
 
 
-def test_healthz_is_503_when_the_database_cannot_take_writes(wsgi_app, store, activity, db, monkeypatch,
-                                                              capsys):
+def test_healthz_is_503_while_writes_fail_and_200_after_the_next_write_succeeds(client, wsgi_app, store):
+    """It reflects real writes: a write SQLite refuses (here the appliance's
+    connection is made query-only) turns it 503 with the reason; the next
+    write that commits turns it back. The other faults are in
+    test_storage_faults.py."""
     app = webtest.TestApp(wsgi_app)
-
-    def broken(self, now):
-        raise sqlite3.OperationalError("disk I/O error")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(scim_appliance.Transaction, "touch_health", broken)
-        response = app.get("/healthz", status=503)
-        assert response.body == b""
-        assert app.head("/healthz", status=503).body == b""
-    err = capsys.readouterr().err
-    assert "/healthz" in err and "disk I/O error" in err, err
-    assert app.get("/healthz").status_int == 200
-
-    # A real refusal from SQLite: the appliance's connection may not write.
-    store._connection().execute("PRAGMA query_only = ON")
+    conn = store._connection()
+    conn.execute("PRAGMA query_only = ON")
     try:
-        app.get("/healthz", status=503)
-        assert "readonly" in capsys.readouterr().err
+        assert app.get("/healthz").body == b"ok\n"   # nothing has failed yet
+        client.post("/Users", {"schemas": [scim_appliance.URN_USER], "userName": "ro@example.com"}, status=503)
+        response = app.get("/healthz", status=503)
+        assert response.body == b"read-only\n" and response.headers["Cache-Control"] == "no-store"
+        assert app.head("/healthz", status=503).body == b""
+        assert client.get("/Users").json["totalResults"] == 0   # reads go on
     finally:
-        store._connection().execute("PRAGMA query_only = OFF")
-    assert app.get("/healthz").status_int == 200
+        conn.execute("PRAGMA query_only = OFF")
+    assert app.get("/healthz", status=503).body == b"read-only\n"   # until a write succeeds
+    client.create_user("rw@example.com")
+    assert app.get("/healthz").body == b"ok\n"
 
-    activity.flush()
-    assert db.execute("SELECT coalesce(sum(requests), 0) FROM request_counts").fetchone()[0] == 0
+
+def test_healthz_is_503_full_below_the_free_space_floor(wsgi_app, store):
+    app = webtest.TestApp(wsgi_app)
+    store.monitor.min_free_bytes = 1 << 62   # more than any disk has
+    assert app.get("/healthz", status=503).body == b"full\n"
+    store.monitor.min_free_bytes = 0
+    assert app.get("/healthz").body == b"ok\n"
 
 
 # -- 8. one server per database ----------------------------------------------------------
 
 def test_a_second_server_on_the_same_database_is_refused_until_the_first_stops(live_server, tmp_path):
-    second = run_cli("serve", "--db", live_server.db_path, "--port", str(free_port()),
-                     "--admin-port", str(free_port()), "--log-file", str(tmp_path / "second.log"),
+    port, admin_port = free_ports(2)
+    second = run_cli("serve", "--db", live_server.db_path, "--port", str(port),
+                     "--admin-port", str(admin_port), "--log-file", str(tmp_path / "second.log"),
                      check=False, timeout=20)
     assert second.returncode != 0
     assert "another scim-appliance is serving" in second.stderr and live_server.db_path in second.stderr, \

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import free_port, LiveServer, NGINX, nginx_config, run_cli, self_signed_certificate
+from conftest import free_ports, LiveServer, NGINX, nginx_config, run_cli, self_signed_certificate
 from scim_appliance import URN_GROUP, URN_PATCH, URN_USER
 
 def wait_for_port(port, process, timeout=20):
@@ -37,11 +37,12 @@ def proxied(tmp_path):
     appliance on loopback, nginx in front of it on a free https port."""
     assert os.path.exists(NGINX), "the proxy test needs Debian's nginx: apt-get install nginx"
     cert, key = self_signed_certificate(tmp_path, "localhost")
-    https_port = free_port()
+    https_port, scim_port, admin_port = free_ports(3)
     public_url = "https://localhost:%d" % https_port
     db_path = str(tmp_path / "proxied.db")
     token = run_cli("token", "create", "--name", "entra", "--db", db_path).stdout.strip()
-    appliance = LiveServer(db_path, ["--public-url", public_url, "--trusted-proxy", "127.0.0.1"])
+    appliance = LiveServer(db_path, ["--public-url", public_url, "--trusted-proxy", "127.0.0.1",
+                                     "--admin-port", str(admin_port)], port=scim_port)
     appliance.token = token
     server_block = run_cli("print-config", "nginx", "--public-url", public_url, "--port", str(appliance.port),
                            "--admin-port", str(appliance.admin_port), "--https-port", str(https_port),
@@ -123,9 +124,9 @@ def test_an_entra_conversation_through_nginx_over_https(proxied):
     assert https(proxied, "DELETE", "/scim/Users/" + user["id"])[0] == 204
     assert https(proxied, "GET", "/scim/Users/" + user["id"])[0] == 404
     assert https(proxied, "GET", "/scim/Groups/" + group["id"])[2].get("members", []) == []
-    # The health check is published, for monitoring; it needs no token and says nothing.
+    # The health check is published, for monitoring; it needs no token and says one word.
     status, _, body = https(proxied, "GET", "/healthz", token=False)
-    assert status == 200 and body is None
+    assert status == 200 and body == b"ok\n"
 
 
 def test_the_admin_page_is_not_reachable_through_the_proxy(proxied):

@@ -29,8 +29,8 @@ import uuid
 import pytest
 
 import scim_appliance
-from conftest import (free_port, http_json, LiveServer, NGINX, nginx_config, receive_until_closed, ROOT, run_cli,
-                      self_signed_certificate)
+from conftest import (free_port, free_ports, http_json, LiveServer, NGINX, nginx_config, receive_until_closed, ROOT,
+                      run_cli, self_signed_certificate, start_live_server)
 from scim_appliance import URN_GROUP, URN_USER
 
 SCRIPT = os.path.join(ROOT, "scim_appliance.py")
@@ -56,11 +56,7 @@ def make_token(db_path):
 
 
 def live(tmp_path, name="ops.db", extra_args=()):
-    db_path = str(tmp_path / name)
-    token = make_token(db_path)
-    server = LiveServer(db_path, list(extra_args))
-    server.token = token
-    return server
+    return start_live_server(str(tmp_path / name), extra_args)
 
 
 def user_body(user_name, **attributes):
@@ -86,6 +82,12 @@ def wait_for_lines(path, count, timeout=3.0):
         if len(lines) >= count or time.monotonic() > deadline:
             return lines
         time.sleep(0.05)
+
+
+def scim_and_admin_ports():
+    """--port and --admin-port arguments with two different free ports."""
+    port, admin_port = free_ports(2)
+    return ["--port", str(port), "--admin-port", str(admin_port)]
 
 
 def assert_one_line_error(result, *words):
@@ -279,8 +281,10 @@ def test_prometheus_text_escapes_label_values_and_counts_exactly(store):
     odd_name = 'say "hi"\\now\nthen'
     odd_token = scim_appliance.create_token(store, odd_name)
     gone_token = scim_appliance.create_token(store, "gone")
-    check = scim_appliance.TokenCheck(store)
+    activity = scim_appliance.ActivityLog(store)
+    check = scim_appliance.TokenCheck(store, activity.record_token_use)
     assert check(odd_token) == odd_name and check(gone_token) == "gone"   # both get a last_used
+    activity.flush()
     scim_appliance.revoke_token(store, "gone")
 
     metrics = scim_appliance.RequestMetrics()
@@ -373,9 +377,9 @@ def test_access_log_json_lines(tmp_path):
 def test_access_log_goes_to_stderr_without_a_log_file(tmp_path):
     db_path = str(tmp_path / "stderr.db")
     token = make_token(db_path)
-    port = free_port()
+    port, admin_port = free_ports(2)
     process = subprocess.Popen(
-        [sys.executable, SCRIPT, "serve", "--db", db_path, "--port", str(port), "--admin-port", str(free_port())],
+        [sys.executable, SCRIPT, "serve", "--db", db_path, "--port", str(port), "--admin-port", str(admin_port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=str(tmp_path))
     try:
         while not process.stdout.readline().startswith("SCIM endpoint:"):
@@ -518,10 +522,10 @@ def test_sigterm_lets_the_request_being_executed_finish_and_answer(tmp_path):
     """Deterministic: the request is held inside the server (another connection
     holds SQLite's write lock) when SIGTERM arrives; it still commits, gets its
     201, and the process then exits 0 with the WAL checkpointed (truncated)."""
-    server = live(tmp_path, "inflight.db")
+    server = live(tmp_path, "inflight.db", ["--lock-timeout", "120"])
     results = {}
     try:
-        post_user(server.port, server.token, "warmup@example.com", results)   # the token's last_used is written
+        post_user(server.port, server.token, "warmup@example.com", results)
         assert results == {"warmup@example.com": 201}
         blocker = sqlite3.connect(server.db_path, isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")
@@ -559,11 +563,10 @@ def test_sigterm_lets_the_request_being_executed_finish_and_answer(tmp_path):
 def test_sigterm_lets_requests_that_arrived_behind_a_running_one_finish_too(tmp_path, threads):
     """A is held inside the server (another connection holds SQLite's write
     lock) and B arrives behind it before SIGTERM: both commit and get their
-    201. With one worker thread B waits in waitress's queue (waitress's own
-    run() would cancel it, closing B's connection); on the event loop (0)
-    B's connection is still in the listen queue when the stop begins, and
-    is taken in before the listener closes."""
-    server = live(tmp_path, "queued.db", ["--threads", threads])
+    201. B waits in the writers' queue behind A (waitress's own run() would
+    cancel it, closing B's connection): with one worker thread, and on the
+    event loop (0), where writes run on a thread of their own."""
+    server = live(tmp_path, "queued.db", ["--threads", threads, "--lock-timeout", "120"])
     results = {}
     try:
         post_user(server.port, server.token, "warmup@example.com", results)
@@ -679,7 +682,7 @@ def test_admin_port_in_use_is_refused_with_one_line_and_frees_the_scim_port(tmp_
 def test_an_unusable_data_path_is_refused_with_one_line(tmp_path, where):
     (tmp_path / "file.txt").write_text("a regular file\n")
     db_path = {"under-a-file": str(tmp_path / "file.txt" / "scim.db"), "proc": "/proc/scim-appliance-test.db"}[where]
-    result = run_cli("serve", "--db", db_path, "--port", str(free_port()), "--admin-port", str(free_port()),
+    result = run_cli("serve", "--db", db_path, *scim_and_admin_ports(),
                      check=False)
     line = assert_one_line_error(result, db_path)
     assert "cannot use" in line
@@ -696,7 +699,7 @@ def test_a_database_from_a_newer_version_stops_serve_and_is_left_unchanged(tmp_p
     conn.close()
     before = open(db_path, "rb").read()
     assert not os.path.exists(db_path + "-wal")
-    result = run_cli("serve", "--db", db_path, "--port", str(free_port()), "--admin-port", str(free_port()),
+    result = run_cli("serve", "--db", db_path, *scim_and_admin_ports(),
                      check=False)
     assert_one_line_error(result, db_path, "schema version %d" % (scim_appliance.SCHEMA_VERSION + 1),
                           str(scim_appliance.SCHEMA_VERSION))
@@ -707,9 +710,9 @@ def test_a_database_from_a_newer_version_stops_serve_and_is_left_unchanged(tmp_p
 def test_an_unwritable_log_file_is_refused_with_one_line(tmp_path):
     (tmp_path / "file.txt").write_text("")
     log_path = str(tmp_path / "file.txt" / "access.log")
-    port = free_port()
+    port, admin_port = free_ports(2)
     result = run_cli("serve", "--db", str(tmp_path / "log.db"), "--port", str(port), "--admin-port",
-                     str(free_port()), "--log-file", log_path, check=False)
+                     str(admin_port), "--log-file", log_path, check=False)
     line = assert_one_line_error(result, log_path)
     assert "log file" in line
     assert port_is_free(port)

@@ -24,7 +24,7 @@ import uuid
 import pytest
 
 import scim_appliance
-from conftest import ROOT, LiveServer, free_port, http_json, receive_until_closed, run_cli
+from conftest import ROOT, LiveServer, free_port, http_json, receive_until_closed, run_cli, wait_for
 from scim_appliance import URN_ENTERPRISE, URN_GROUP, URN_LIST, URN_PATCH, URN_USER
 
 SCRIPT = os.path.join(ROOT, "scim_appliance.py")
@@ -342,13 +342,17 @@ def test_token_life_cycle_public_url_and_sigterm(tmp_path):
         assert user["meta"]["location"] == "%s/scim/Users/%s" % (PUBLIC_URL, user["id"])
         assert headers["Location"] == user["meta"]["location"]
 
-        # Stored: digests only, never the tokens.
-        conn = sqlite3.connect(db_path)
-        try:
-            rows = {name: (digest, created_at, last_used) for name, digest, created_at, last_used
-                    in conn.execute("SELECT name, digest, created, last_used FROM tokens")}
-        finally:
-            conn.close()
+        # Stored: digests only, never the tokens. The token's use is written
+        # by the activity log, within a second.
+        def token_rows():
+            conn = sqlite3.connect(db_path)
+            try:
+                rows = {name: (digest, created_at, last_used) for name, digest, created_at, last_used
+                        in conn.execute("SELECT name, digest, created, last_used FROM tokens")}
+            finally:
+                conn.close()
+            return rows if rows["entra"][2] is not None else None
+        rows = wait_for(token_rows, what="the token's last_used")
         assert rows["entra"][0] == hashlib.sha256(entra_token.encode()).hexdigest()
         assert rows["backup"][0] == hashlib.sha256(backup_token.encode()).hexdigest()
         assert rows["entra"][2] is not None and rows["backup"][2] is None

@@ -11,7 +11,7 @@ app* -- a trivial bottle app on waitress with the same thread count answering
 GET /scim/Users with a fixed ~500-byte JSON body -- to measure this machine's
 ceiling for a Python web stack. With `--threads 0`, the appliance's default,
 both run their requests on waitress's event loop (the appliance's
-EventLoopDispatcher); with N, both on N worker threads. Beside them runs a
+RequestDispatcher); with N, both on N worker threads. Beside them runs a
 *bare SCIM server* (serve_bare): the same stack doing the least a SCIM server
 must do for a lookup and a PATCH on the appliance's database, so that each run
 shows how close to the reference any SCIM server can get here. Then, in order:
@@ -149,7 +149,7 @@ def serve_reference(port, threads):
     """A trivial bottle app on waitress: the ceiling of this web stack here.
 
     It runs as the appliance does with the same `threads`: 0 on the event
-    loop (the appliance's EventLoopDispatcher), N on N worker threads.
+    loop (the appliance's RequestDispatcher), N on N worker threads.
     """
     import bottle
 
