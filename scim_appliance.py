@@ -4726,7 +4726,7 @@ started (in its console or log), and choose the password for this page.</p>
 </form>
 """),
     "overview": _template("""% if storage['health']:
-<section class="card alert" id="storage-alert" role="alert">
+<section id="storage-alert" class="card alert" role="alert">
   <h2>Writes are failing</h2>
   % if storage['condition']:
   <p>{{storage['detail']}}</p>
@@ -4760,8 +4760,7 @@ started (in its console or log), and choose the password for this page.</p>
     <dt>Last day</dt><dd id="last-day">{{last_day[0]}} requests, {{last_day[1]}} errors</dd>
     <dt>Users</dt><dd id="users">{{active_users}} active, {{inactive_users}} inactive</dd>
     <dt>Groups</dt><dd id="groups">{{groups}}</dd>
-    <dt>Free space</dt><dd id="free-space">{{'unknown' if storage['free_mb'] is None else
-        '%d MB' % storage['free_mb']}} on the data volume (writes stop below {{storage['floor_mb']}} MB)</dd>
+    <dt>Free space</dt><dd id="free-space">{{storage['free_text']}} on the data volume</dd>
   </dl>
   <h3>Latest errors</h3>
   % if recent_errors:
@@ -4864,9 +4863,12 @@ started (in its console or log), and choose the password for this page.</p>
 
 def _storage_view(storage):
     """StorageMonitor.snapshot() with what the overview shows of it as text."""
-    return dict(storage, since_text=utc_text(storage["since"]) if storage["since"] else "",
-                free_mb=None if storage["free_bytes"] is None else storage["free_bytes"] // MB,
-                floor_mb=storage["min_free_bytes"] // MB)
+    free = "unknown" if storage["free_bytes"] is None else "%d MB" % (storage["free_bytes"] // MB)
+    floor = storage["min_free_bytes"] // MB
+    detail = storage["detail"] or ""
+    return dict(storage, detail=detail[:1].upper() + detail[1:], floor_mb=floor,
+                since_text=utc_text(storage["since"]) if storage["since"] else "",
+                free_text=free + (" (writes stop below %d MB)" % floor if floor else ""))
 
 
 def _label(value):

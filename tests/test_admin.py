@@ -798,6 +798,32 @@ def test_the_overview_before_any_call(logged_in):
     assert text_of(page, "users") == "0 active, 0 inactive"
     assert text_of(page, "groups") == "0"
     assert "<h3>Latest errors</h3>\n  <p>None.</p>" in page.text
+    assert 'id="storage-alert"' not in page.text
+    assert re.fullmatch(r"\d+ MB on the data volume", text_of(page, "free-space"))   # the fixture's store: no floor
+
+
+def test_the_overview_says_when_writes_fail_and_a_token_that_cannot_be_saved_is_not_shown(logged_in, client,
+                                                                                        store):
+    """While SQLite refuses the appliance's writes (its connection made
+    query-only), the overview names the cause, since when and how many
+    writes were refused; generating a token answers 503 and shows none.
+    The first write that commits ends it."""
+    conn = store._connection()   # the admin app runs on this thread under webtest, as the SCIM client does
+    conn.execute("PRAGMA query_only = ON")
+    try:
+        client.post("/Users", {"schemas": [USER], "userName": "ro@example.com"}, status=503)
+        page = logged_in.get("/")
+        alert = text_of(page, "storage-alert")
+        assert alert.startswith("Writes are failing The database file is read-only"), alert
+        assert re.search(r"Since \d{4}-\d\d-\d\dT[\d:.]+Z ?: \d+ writes refused\. Reads still work", alert)
+        refused = submit(logged_in, "/tokens", {"name": "while-read-only"}, 503)
+        assert shown_token(refused) is None
+        assert "Not saved: the database file is read-only" in html.unescape(refused.text)
+    finally:
+        conn.execute("PRAGMA query_only = OFF")
+    assert "while-read-only" not in store.read_once().token_names()
+    assert shown_token(submit(logged_in, "/tokens", {"name": "after"}, 201))
+    assert 'id="storage-alert"' not in logged_in.get("/").text
 
 
 def test_the_activity_log_keeps_its_days_and_rows(make_admin, password, store):

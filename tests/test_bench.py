@@ -1,6 +1,9 @@
 """Smoke test of the benchmark (tests/perf/bench.py --quick): it completes and
 its last line is the JSON of figures. No timing is asserted: the figures
-depend on the machine, and the targets are checked by reading a full run."""
+depend on the machine, and the targets are checked by reading a full run.
+Nor is throughput: the bulk load and the group phase stop at a deadline, so
+on a loaded machine they may do less than asked; the figures must then agree
+with each other, not be complete."""
 
 import json
 import os
@@ -17,7 +20,11 @@ def test_quick_benchmark_completes_and_reports_json():
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["users"] == 5000 and figures["group_size"] == 5000
     assert figures["client"] in ("wrk", "python")
-    assert figures["bulk_created"] == 5000 and figures["group_members"] == 5000
+    # Every user the server counts was acknowledged to the client, and no more.
+    assert 0 < figures["bulk_created"] == figures["bulk_acknowledged"] <= 5000
+    assert figures["bulk_complete"] == (figures["bulk_created"] == 5000)
+    # The group got members from those users (the bench checks a full GET lists them all).
+    assert 0 < figures["group_members"] <= figures["bulk_created"]
     for key in ("reference_rps", "bulk_users_per_s", "lookup_rps", "lookup_ratio", "lookup_p50_ms",
                 "update_rps", "update_ratio", "group_add_first10_ms", "group_add_last10_ms",
                 "group_remove_ms", "group_full_get_bytes", "startup_s", "db_bytes_per_user",

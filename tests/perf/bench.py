@@ -804,6 +804,7 @@ class Bench:
         listing, _ = conn.json("GET", "/scim/Users?count=0")
         conn.close()
         f["bulk_created"] = listing["totalResults"]
+        f["bulk_acknowledged"] = len(created)
         f["bulk_requests"] = requests
         f["bulk_errors"] = summary["errors"]
         f["bulk_s"] = summary["seconds"]
