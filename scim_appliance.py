@@ -93,7 +93,7 @@ STORAGE_PROBE_WAIT = 0.5           # while writes fail, a one-row write is tried
 FULL_HEADROOM_BYTES = MB           # after "disk full", writes count as healed once this much is free
 ACTIVITY_WRITE_WAIT = 1.0          # the activity log's writes wait this long for the lock, then retry later
 ADMIN_FLUSH_WAIT = 0.5             # the admin page waits this long to write the pending activity first
-LOOP_WRITER_THREADS = 1            # with --threads 0, SCIM writes run on this many threads of their own
+LOOP_WRITER_THREADS = 1            # with --threads 0, SCIM writes run on a thread of their own (2 measured slower)
 
 URN_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 URN_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
@@ -5188,7 +5188,8 @@ SETTINGS_TABLE = (
      "URL clients reach the appliance at, e.g. https://scim.example.com; meta.location and "
      "Location are built from it, never from request headers (default http://HOST:PORT)"),
     ("threads", "--threads", "SCIM_APPLIANCE_THREADS", int,
-     "0: SCIM requests run one at a time on the event loop (fastest); N: on N worker threads"),
+     "0: SCIM reads run one at a time on the event loop (fastest), writes on a thread of their own; "
+     "N: reads on N worker threads, writes on N more"),
     ("max_body_bytes", "--max-body-bytes", "SCIM_APPLIANCE_MAX_BODY_BYTES", int,
      "largest accepted request body in bytes"),
     ("durability", "--durability", "SCIM_APPLIANCE_DURABILITY", durability_mode,
