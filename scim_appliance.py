@@ -89,6 +89,7 @@ TOKEN_RECHECK_SECONDS = 0.1        # a token revoked by another process fails wi
 AUTH_FAILURE_LIMIT = 10            # failed authentications allowed per client address ...
 AUTH_FAILURE_WINDOW = 60           # ... in this many seconds; then 429 until the window moves
 WAL_SIZE_LIMIT = 16 * 1024 * 1024  # bytes the -wal file is cut back to after a checkpoint
+MIN_LOCK_TIMEOUT = 0.5             # seconds; the least --lock-timeout
 STORAGE_PROBE_WAIT = 0.5           # while writes fail, a one-row write is tried every second, waiting this long
 FULL_HEADROOM_BYTES = MB           # after "disk full", writes count as healed once this much is free
 ACTIVITY_WRITE_WAIT = 1.0          # the activity log's writes wait this long for the lock, then retry later
@@ -5237,7 +5238,7 @@ def _shown_default(value):
 
 def _positive(value, name, least=1):
     if value < least:
-        raise ValueError("%s must be at least %d" % (name, least))
+        raise ValueError("%s must be at least %g" % (name, least))
     return value
 
 
@@ -5783,6 +5784,9 @@ def main(argv=None):
         if args.command == "serve":
             _positive(args.threads, "--threads", least=0)
             _positive(args.min_free_mb, "--min-free-mb", least=0)
+            # Writes in this process queue for the lock for a few milliseconds
+            # now and then (the activity log's); a shorter wait would refuse them.
+            _positive(args.lock_timeout, "--lock-timeout", least=MIN_LOCK_TIMEOUT)
             _positive(args.max_body_bytes, "--max-body-bytes")
             settings = Settings(**{field: getattr(args, field) for field, *_ in SETTINGS_TABLE})
             serve(settings)

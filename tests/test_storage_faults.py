@@ -29,8 +29,8 @@ import pytest
 import webtest
 
 import scim_appliance
-from conftest import (LiveServer, assert_scim_error, healthz, query, snapshot, start_live_server, stored_members,
-                      wait_for)
+from conftest import (LiveServer, assert_scim_error, free_port, healthz, query, run_cli, snapshot,
+                      start_live_server, stored_members, wait_for)
 from scim_appliance import URN_ERROR, URN_GROUP, URN_PATCH, URN_USER
 
 BASE_URL = "https://scim.example.com/scim"
@@ -313,6 +313,19 @@ def test_a_cli_command_the_storage_refuses_says_so_in_one_line(tmp_path, monkeyp
     assert captured.out == "" and captured.err == (
         "scim-appliance: writes are failing: the appliance's disk is full: nothing was changed; retry later\n"
         "scim-appliance: the appliance's disk is full: nothing was changed; retry later\n")
+
+
+@pytest.mark.parametrize("args, env, words", [
+    (("--lock-timeout", "0.1"), {}, "--lock-timeout must be at least 0.5"),
+    (("--lock-timeout", "soon"), {}, "--lock-timeout"),
+    ((), {"SCIM_APPLIANCE_LOCK_TIMEOUT": "-3"}, "SCIM_APPLIANCE_LOCK_TIMEOUT"),
+    (("--min-free-mb", "-1"), {}, "--min-free-mb must be at least 0"),
+])
+def test_storage_settings_out_of_range_are_refused_before_anything_starts(tmp_path, args, env, words):
+    path = str(tmp_path / "never.db")
+    result = run_cli("serve", "--db", path, "--port", str(free_port()), *args, env=env, check=False)
+    assert result.returncode != 0 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "SCIM endpoint" not in result.stdout and not os.path.exists(path)
 
 
 def test_the_storage_errors_sqlite_raises_are_told_apart():
