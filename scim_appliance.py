@@ -382,7 +382,7 @@ MIGRATIONS = [
         ) WITHOUT ROWID""",
     ],
     # 3: stable views for the customer's own software (README, "Data out"),
-    # and the row /healthz writes to prove the database takes writes.
+    # and the row the storage probe writes while writes fail (Store.probe).
     [
         """CREATE VIEW scim_users AS SELECT
             id,
@@ -1087,7 +1087,7 @@ class Transaction:
     # -- health, backups and data out ------------------------------------------
 
     def touch_health(self, now):
-        """A one-row write: proves the database takes writes (/healthz)."""
+        """A one-row write: shows the database takes writes again (Store.probe)."""
         self.conn.execute("INSERT INTO health (id, checked) VALUES (1, ?) "
                           "ON CONFLICT (id) DO UPDATE SET checked = excluded.checked", (now,))
 
