@@ -822,11 +822,11 @@ class Store:
                 "longer than %g s: nothing was changed; retry later" % self.lock_timeout)
 
     def probe(self):
-        """While writes fail, try a one-row write (from the activity log's
-        thread, every ACTIVITY_FLUSH_SECONDS), so that the condition clears as soon
-        as the fault ends even when no client writes; after a full disk,
-        once space is back. Then the WAL that grew while checkpoints failed
-        is folded back (PASSIVE: it never waits)."""
+        """While writes fail, try a one-row write (on the activity log's
+        thread, every ACTIVITY_FLUSH_SECONDS), so that the condition clears
+        as soon as the fault ends even when no client writes; after a full
+        disk, once space is back. Then the WAL that grew while checkpoints
+        failed is folded back (PASSIVE: it never waits)."""
         condition = self.monitor.condition
         if condition is None or condition == "full" and not self.monitor.space_is_back():
             return

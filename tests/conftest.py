@@ -244,6 +244,15 @@ def healthz(port, method="GET"):
         return error.code, error.headers, error.read()
 
 
+def fetch(url):
+    """(status, headers, text) of a GET."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.headers, response.read().decode("utf-8")
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read().decode("utf-8")
+
+
 def http_json(method, url, body=None, token=None, headers=None):
     """(status, headers, parsed JSON or None) for one request to an absolute URL."""
     all_headers = {"Content-Type": SCIM_JSON} if body is not None else {}

@@ -21,15 +21,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 
 import pytest
 
 import scim_appliance
-from conftest import (free_port, free_ports, http_json, LiveServer, NGINX, nginx_config, receive_until_closed, ROOT,
+from conftest import (fetch, free_port, free_ports, http_json, LiveServer, NGINX, nginx_config, receive_until_closed, ROOT,
                       run_cli, self_signed_certificate, start_live_server)
 from scim_appliance import URN_GROUP, URN_USER
 
@@ -63,15 +61,6 @@ def user_body(user_name, **attributes):
     body = {"schemas": [URN_USER], "userName": user_name}
     body.update(attributes)
     return body
-
-
-def fetch(url):
-    """(status, headers, text) of a GET."""
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.headers, response.read().decode("utf-8")
-    except urllib.error.HTTPError as error:
-        return error.code, error.headers, error.read().decode("utf-8")
 
 
 def wait_for_lines(path, count, timeout=30):

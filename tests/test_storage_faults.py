@@ -15,10 +15,8 @@ nothing here asserts a duration.
 
 import collections
 import errno
-import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import threading
@@ -29,7 +27,7 @@ import pytest
 import webtest
 
 import scim_appliance
-from conftest import (LiveServer, assert_scim_error, free_port, healthz, query, run_cli, snapshot,
+from conftest import (LiveServer, assert_scim_error, fetch, free_port, healthz, query, run_cli, snapshot,
                       start_live_server, stored_members, wait_for)
 from scim_appliance import URN_ERROR, URN_GROUP, URN_PATCH, URN_USER
 
@@ -194,7 +192,7 @@ def assert_everything_acknowledged_is_stored(db_path, acknowledged_users, group_
 
 def metrics(server):
     """{(name, labels text): value} of the admin listener's /metrics."""
-    status, _, text = http_text("http://127.0.0.1:%d/metrics" % server.admin_port)
+    status, _, text = fetch("http://127.0.0.1:%d/metrics" % server.admin_port)
     assert status == 200
     samples = {}
     for line in text.splitlines():
@@ -202,12 +200,6 @@ def metrics(server):
             name_labels, value = line.rsplit(" ", 1)
             samples[name_labels] = float(value)
     return samples
-
-
-def http_text(url):
-    import urllib.request
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return response.status, response.headers, response.read().decode()
 
 
 def restart(server, extra_args=()):
@@ -699,7 +691,7 @@ def test_a_lock_held_by_another_process_holds_up_no_read_and_the_writes_finish_a
             assert_reads_work(server, "known@example.com")
             assert healthz(server.port)[0] in (200, 503)   # 503 "locked" once a write has waited a second
             lookups += 1
-        assert http_text("http://127.0.0.1:%d/login" % server.admin_port)[0] == 200
+        assert fetch("http://127.0.0.1:%d/login" % server.admin_port)[0] == 200
         assert runner.is_alive() and waiting.outcomes == []   # the writes still wait
         holder.execute("COMMIT")
         runner.join(timeout=120)
