@@ -484,10 +484,9 @@ class StorageMonitor:
     requests meet it.
     """
 
-    def __init__(self, path, min_free_bytes=0, log=None):
+    def __init__(self, path, min_free_bytes=0):
         self.directory = os.path.dirname(os.path.abspath(path))
         self.min_free_bytes = min_free_bytes
-        self.log = log or (lambda line: print(line, file=sys.stderr))
         self.condition = None                  # None, or the kind of fault the last write met
         self.detail = None                     # ... in the words it was answered with
         self.since = None                      # Unix time the condition began
@@ -540,7 +539,7 @@ class StorageMonitor:
                 self.condition, self.detail, self.since, self.refused = kind, fault.detail, time.time(), 0
             self.refused += 1
         if changed:
-            self.log("scim-appliance: writes are failing: %s" % fault.detail)
+            print("scim-appliance: writes are failing: %s" % fault.detail, file=sys.stderr)
         return fault
 
     def succeeded(self):
@@ -555,8 +554,8 @@ class StorageMonitor:
                 return
             since, refused = self.since, self.refused
             self.condition = self.detail = self.since = None
-        self.log("scim-appliance: writes succeed again, after %.1f s and %d refused" % (time.time() - since,
-                                                                                    refused))
+        print("scim-appliance: writes succeed again, after %.1f s and %d refused" % (time.time() - since, refused),
+              file=sys.stderr)
 
     def space_is_back(self):
         """After a full disk: whether FULL_HEADROOM_BYTES are free again
@@ -5337,8 +5336,8 @@ def _strict_channel_class():
     return StrictChannel
 
 
-_UNUSED_LOG = logging.getLogger("scim-appliance.unused")
-_UNUSED_LOG.disabled = True
+_SILENT_LOG = logging.getLogger("scim-appliance.silent")
+_SILENT_LOG.disabled = True
 
 
 class RequestDispatcher:
@@ -5382,7 +5381,7 @@ class RequestDispatcher:
             self.writers.set_thread_count(writers)
             # Writes queue for their lane by design (SQLite has one writer):
             # waitress's "Task queue depth" warning would say so all day.
-            self.writers.queue_logger = _UNUSED_LOG
+            self.writers.queue_logger = _SILENT_LOG
 
     def set_thread_count(self, count):
         pass   # waitress passes its `threads` setting; the lanes were sized in __init__
