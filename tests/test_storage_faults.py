@@ -282,6 +282,39 @@ def test_a_write_waits_for_another_process_s_lock_only_as_long_as_the_bound(tmp_
         store.close()
 
 
+def test_the_probe_clears_the_condition_once_a_write_commits_and_folds_the_wal_back(store, tmp_path):
+    """While writes fail, the background probe writes the health row: its
+    commit clears the condition, and a PASSIVE checkpoint then copies the
+    WAL into the database file (so a WAL that grew while checkpoints failed
+    is cut back to journal_size_limit at the next write)."""
+    assert store._connection().execute("PRAGMA journal_size_limit").fetchone()[0] == scim_appliance.WAL_SIZE_LIMIT
+    scim_appliance.create_token(store, "before")
+    store.probe()   # writes succeed: nothing to do
+    assert query(store.path, "SELECT count(*) FROM health") == [(0,)]
+    store.monitor.failed("io-error")
+    store.probe()
+    assert store.monitor.condition is None
+    alone = str(tmp_path / "db-file-alone.db")   # the database file without its -wal
+    shutil.copyfile(store.path, alone)
+    assert query(alone, "SELECT count(*) FROM health") == [(1,)]
+    assert query(alone, "SELECT name FROM tokens") == [("before",)]
+
+
+def test_after_a_full_disk_no_write_clears_it_until_space_comes_back(store, monkeypatch):
+    """A small write can still fit in pages SQLite's WAL already holds on a
+    full disk: until FULL_HEADROOM_BYTES are free, no success clears "full",
+    and the probe does not even try."""
+    store.monitor.failed("full")
+    monkeypatch.setattr(scim_appliance, "FULL_HEADROOM_BYTES", 1 << 62)   # more than the volume has free
+    store.probe()
+    scim_appliance.create_token(store, "small")
+    assert store.monitor.condition == "full"
+    assert query(store.path, "SELECT count(*) FROM health") == [(0,)]
+    monkeypatch.setattr(scim_appliance, "FULL_HEADROOM_BYTES", 1024)
+    store.probe()
+    assert store.monitor.condition is None and query(store.path, "SELECT count(*) FROM health") == [(1,)]
+
+
 def test_a_write_inside_a_write_is_refused_at_once(store):
     """The write lock is not reentrant: a nested write says so instead of
     waiting for itself (and the outer one is rolled back)."""
