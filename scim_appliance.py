@@ -71,7 +71,8 @@ MAX_FILTER_TERMS = 100             # comparisons in one filter
 DEFAULT_PAGE_SIZE = 100            # resources per page when `count` is absent
 MAX_PAGE_SIZE = 1000               # `count` above this is capped (RFC 7644 §3.4.2.4)
 MAX_OPERATIONS = 1000              # operations in one PATCH request
-MAX_MEMBERS = 10000                # members named in one request (POST, PUT or PATCH)
+MAX_MEMBERS = 100000               # members named in one request (POST, PUT or PATCH): a whole group push
+MAX_GROUP_BODY_BYTES = 16 * MB     # a group's POST/PUT/PATCH body may be this large (100,000 members from Okta: ~9 MB)
 STOP_CHECK_SECONDS = 0.5           # the event loop looks at the stop flag at least this often
 SHUTDOWN_GRACE_SECONDS = 20        # after SIGTERM, requests already received may finish this long
 QUEUE_WARNING_INTERVAL = 60        # waitress's "Task queue depth" warning: at most one a minute
@@ -1007,6 +1008,11 @@ class Transaction:
     def clear_members(self, group_id):
         return self.conn.execute("DELETE FROM members WHERE group_id = ?", (group_id,)).rowcount
 
+    def member_types_of(self, group_id):
+        """{member id: 'User' | 'Group'} of a group's members."""
+        return dict(self.conn.execute("SELECT member_id, member_type FROM members WHERE group_id = ?",
+                                      (group_id,)))
+
     def group_members(self, group_id):
         """Every member of a group with its display name, in a stable order."""
         return [member for batch in self.group_member_batches(group_id) for member in batch]
@@ -1822,6 +1828,29 @@ def canonical_document(resource_type, body):
         else:
             document.setdefault(path.urn, {})[path.attribute.name] = item
     return document
+
+
+def check_own_id(resource_id, value):
+    """A client may send a resource's id back, never change it.
+
+    RFC 7643 §3.1: "id" is "issued by the service provider" and "MUST NOT
+    be specified by the client"; the schema makes it readOnly. Okta sends
+    it anyway, unchanged: in its PUT of a user it just read, and in the
+    path-less PATCH that renames a group ("Update a specific Group name").
+    That is accepted, in PUT and PATCH alike; a different id is refused as
+    RFC 7644 §3.5.1 refuses a changed immutable value: "the input value(s)
+    MUST match, or HTTP status code 400 SHOULD be returned with a "scimType"
+    error code of "mutability"."""
+    if value != resource_id:
+        raise ScimError(400, "mutability", "id is read-only: %s is not this resource's id" % json.dumps(value))
+
+
+def own_id_in_body(resource_id, body):
+    """check_own_id for the "id" of a PUT body, if it has one."""
+    if isinstance(body, dict):
+        for key, value in body.items():
+            if isinstance(key, str) and key.lower() == "id":
+                check_own_id(resource_id, value)
 
 
 def check_required(resource_type, document):
@@ -2675,8 +2704,9 @@ def read_patch_request(body):
     return result
 
 
-def apply_patch(resource_type, document, operations):
-    """Apply parsed operations to a copy of `document`.
+def apply_patch(resource_type, document, operations, resource_id=None):
+    """Apply parsed operations to a copy of `document`, the resource called
+    `resource_id`.
 
     Returns (new_document, member_changes); member_changes is a list of
     ("add", [(id, type)]), ("remove", [ids]), ("remove_where", tree) and
@@ -2686,6 +2716,9 @@ def apply_patch(resource_type, document, operations):
     member_changes = []
     for number, (op, path_text, value, has_value) in enumerate(operations, 1):
         try:
+            if path_text is not None and path_text.lower() == "id" and op != "remove":
+                check_own_id(resource_id, value)   # the resource's own id, sent back: nothing to do
+                continue
             urn = path_text and _extension_urn(resource_type, document, path_text, value)
             if urn:
                 # The path is a whole extension ("urn:...:enterprise:2.0:User").
@@ -2706,7 +2739,10 @@ def apply_patch(resource_type, document, operations):
             if not isinstance(value, dict):
                 raise ScimError(400, "invalidValue", "%s without a path needs an object value" % op)
             for key, item in value.items():
-                if key.lower() == "schemas":
+                if key.lower() in ("schemas", "meta"):
+                    continue   # the server's, echoed back from a GET
+                if key.lower() == "id":
+                    check_own_id(resource_id, item)   # Okta's group rename sends it
                     continue
                 if _extension_urn(resource_type, document, key, item) and isinstance(item, dict):
                     _apply_to_extension(resource_type, document, op, key, item, member_changes)
@@ -3071,18 +3107,46 @@ def _add_members(tx, group_id, members):
     return tx.add_members(group_id, [(member_id, found[member_id]) for member_id, _ in members])
 
 
+def _replace_members(tx, group_id, members):
+    """Make the group's members exactly the (id, type) pairs `members`,
+    writing only the difference. Okta pushes a group's whole membership
+    again (PUT, or PATCH replace of "members"); when one member of 100,000
+    changed, one row is written. Returns the number of rows changed."""
+    wanted = {}
+    for member_id, member_type in members:
+        wanted.setdefault(member_id, member_type)
+    current = tx.member_types_of(group_id)
+    for member_id, member_type in wanted.items():
+        if member_type not in (None, current.get(member_id, member_type)):
+            raise ScimError(400, "invalidValue", "%s is a %s, not a %s" % (member_id, current[member_id], member_type))
+    gone = [member_id for member_id in current if member_id not in wanted]
+    changed = tx.remove_members(group_id, gone) if gone else 0
+    return changed + _add_members(tx, group_id, [(member_id, member_type) for member_id, member_type
+                                                 in wanted.items() if member_id not in current])
+
+
 def _apply_member_changes(tx, group_id, changes):
+    """Apply apply_patch's member changes; the number of rows changed. A
+    "clear" followed by an "add" (a replace of "members", or a remove of all
+    of them and an add) is one _replace_members."""
     changed = 0
+    clearing = False
     for change in changes:
-        if change[0] == "add":
-            changed += _add_members(tx, group_id, change[1])
-        elif change[0] == "remove":
-            changed += tx.remove_members(group_id, change[1])
-        elif change[0] == "remove_where":
-            where, params = member_filter_to_sql(change[1])
-            changed += tx.remove_members_where(group_id, where, params)
+        if clearing and change[0] == "add":
+            changed += _replace_members(tx, group_id, change[1])
         else:
-            changed += tx.clear_members(group_id)
+            if clearing:
+                changed += tx.clear_members(group_id)
+            if change[0] == "add":
+                changed += _add_members(tx, group_id, change[1])
+            elif change[0] == "remove":
+                changed += tx.remove_members(group_id, change[1])
+            elif change[0] == "remove_where":
+                where, params = member_filter_to_sql(change[1])
+                changed += tx.remove_members_where(group_id, where, params)
+        clearing = change[0] == "clear"
+    if clearing:
+        changed += tx.clear_members(group_id)
     return changed
 
 
@@ -3131,6 +3195,10 @@ def get_resource(store, resource_type, resource_id, base_url, projection):
                               base_url, projection)
     with store.read() as tx:     # the row and its members, from one snapshot
         return _render_loaded(tx, resource_type, _load(tx, resource_type, resource_id), base_url, projection)
+
+
+# What a write of a group renders when its response then streams the members.
+WITHOUT_MEMBERS = Projection(GROUP, excluded=("members",))
 
 
 class GroupWithMembers:
@@ -3187,8 +3255,10 @@ def group_json_pieces(tx, row, base_url, projection):
 
 def replace_resource(store, resource_type, resource_id, body, base_url, if_match=None, projection=None):
     """PUT (RFC 7644 §3.5.1): the body replaces every client-writable attribute;
-    readOnly attributes in it are ignored. A group's members become exactly
-    the listed ones. A user's password is kept unless the body sets one."""
+    readOnly attributes in it are ignored, but for an id that is not the
+    resource's (check_own_id). A group's members become exactly the listed
+    ones. A user's password is kept unless the body sets one."""
+    own_id_in_body(resource_id, body)
     document, members, password = _read_resource_body(resource_type, body)
     projection = projection or Projection(resource_type)
     with store.write() as tx:
@@ -3198,8 +3268,7 @@ def replace_resource(store, resource_type, resource_id, body, base_url, if_match
                        password=password)
         tx.update_resource(resource_type.table, current, row)
         if resource_type is GROUP:
-            tx.clear_members(resource_id)
-            _add_members(tx, resource_id, members)
+            _replace_members(tx, resource_id, members)
         # Rendered from what was just written; a user's groups are unchanged.
         return _render_loaded(tx, resource_type, dict(current, **row), base_url, projection, document)
 
@@ -3215,7 +3284,7 @@ def patch_resource(store, resource_type, resource_id, operations, base_url, if_m
         current = _load(tx, resource_type, resource_id, projection)
         _check_if_match(if_match, current)
         before = json.loads(current["document"])
-        document, member_changes = apply_patch(resource_type, before, operations)
+        document, member_changes = apply_patch(resource_type, before, operations, resource_id)
         password = _take_password(document) if resource_type is USER else None
         changed = _apply_member_changes(tx, resource_id, member_changes) if member_changes else 0
         # A PATCH that changes nothing (Entra resending a value) keeps the version.
@@ -4305,8 +4374,14 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
             raise ScimError(401, None, "send Authorization: Bearer <token>")
         raise ScimError(401, None, "the bearer token is not valid")
 
-    def body(environ):
-        return read_request_body(environ, settings.max_body_bytes)
+    def body(environ, resource_type=None):
+        """The JSON body; a group's may name MAX_MEMBERS members (Okta's
+        custom integrations PUT a group's whole membership), so its limit is
+        MAX_GROUP_BODY_BYTES when that is the larger."""
+        limit = settings.max_body_bytes
+        if resource_type is GROUP:
+            limit = max(limit, MAX_GROUP_BODY_BYTES)
+        return read_request_body(environ, limit)
 
     def if_match(environ):
         return entity_tags(request_header(environ, "If-Match"))
@@ -4317,6 +4392,15 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
         if version:
             headers["ETag"] = version
         return scim_response(status, resource, headers)
+
+    def group_with_members(status, group_id, projection, extra=()):
+        """A group's response with its members, streamed from one read
+        snapshot (GroupWithMembers): a 100,000-member group is never a list
+        in memory, after a GET, a POST or a PUT alike."""
+        streamed = GroupWithMembers(store, group_id, base_url, projection)
+        etag = streamed.resource.get("meta", {}).get("version")
+        headers = [("Content-Type", SCIM_MEDIA_TYPE)] + ([("ETag", etag)] if etag else []) + list(extra)
+        return Response(status, headers, streamed)
 
     def projection_of(resource_type, params):
         return Projection(resource_type, _name_list(params.get("attributes"), "attributes"),
@@ -4353,14 +4437,18 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
         def create(environ, resource_type=resource_type):
             # RFC 7644 §3.9: attributes/excludedAttributes apply to "any
             # operation that returns a resource".
-            request = body(environ)
+            request = body(environ, resource_type)
             if isinstance(request, dict):   # so that a refused create still names who it was for
                 note_activity(environ, resource_type, {key: value for key, value in request.items()
                                                        if key in ("userName", "displayName")}, "create")
+            projection = projection_of(resource_type, read_query(environ))
+            streamed = resource_type is GROUP and projection.wants("members")
             resource = create_resource(store, resource_type, request, base_url,
-                                       projection_of(resource_type, read_query(environ)))
+                                       WITHOUT_MEMBERS if streamed else projection)
             note_activity(environ, resource_type, resource, "created")
             location = resource_location(base_url, resource_type, resource["id"])
+            if streamed:
+                return group_with_members(201, resource["id"], projection, [("Location", location)])
             return resource_response(201, resource, {"Location": location})
 
         @scim_route(endpoint, "GET")
@@ -4376,29 +4464,29 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
         @scim_route(endpoint + "/*", "GET")
         def read(environ, resource_id, resource_type=resource_type):
             projection = projection_of(resource_type, read_query(environ))
-            streamed = None
             if resource_type is GROUP and projection.wants("members"):
-                streamed = GroupWithMembers(store, resource_id, base_url, projection)
-                resource = streamed.resource
+                response = group_with_members(200, resource_id, projection)
             else:
-                resource = get_resource(store, resource_type, resource_id, base_url, projection)
-            etag = resource.get("meta", {}).get("version")
+                response = resource_response(200, get_resource(store, resource_type, resource_id, base_url,
+                                                               projection))
+            etag = dict(response.headers).get("ETag")
             none_match = entity_tags(request_header(environ, "If-None-Match"))
             if etag and none_match is not None and ("*" in none_match or etag[2:] in none_match):
-                if streamed is not None:
-                    streamed.close()
+                if not isinstance(response.body, bytes):
+                    response.body.close()
                 return scim_response(304, None, {"ETag": etag})
-            if streamed is None:
-                return resource_response(200, resource)
-            headers = [("Content-Type", SCIM_MEDIA_TYPE)] + ([("ETag", etag)] if etag else [])
-            return Response(200, headers, streamed)
+            return response
 
         @scim_route(endpoint + "/*", "PUT")
         def replace(environ, resource_id, resource_type=resource_type):
             note_activity(environ, resource_type, None, "replace")
-            resource = replace_resource(store, resource_type, resource_id, body(environ), base_url,
-                                        if_match(environ), projection_of(resource_type, read_query(environ)))
+            projection = projection_of(resource_type, read_query(environ))
+            streamed = resource_type is GROUP and projection.wants("members")
+            resource = replace_resource(store, resource_type, resource_id, body(environ, resource_type), base_url,
+                                        if_match(environ), WITHOUT_MEMBERS if streamed else projection)
             note_activity(environ, resource_type, resource, "replaced")
+            if streamed:
+                return group_with_members(200, resource_id, projection)
             return resource_response(200, resource)
 
         @scim_route(endpoint + "/*", "PATCH")
@@ -4409,7 +4497,7 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
             # for, so it never reads its members (R37, "Returning a body with
             # a list of all the members isn't advisable").
             wants_body = resource_type is USER or "attributes" in params or "excludedattributes" in params
-            operations = read_patch_request(body(environ))
+            operations = read_patch_request(body(environ, resource_type))
             if activity is not None:
                 note_activity(environ, resource_type, None, summarize_patch(operations))
             resource = patch_resource(store, resource_type, resource_id, operations, base_url,
@@ -5528,7 +5616,7 @@ def serve(settings, out=sys.stdout):
             host=settings.host, port=settings.port,
             ident="scim-appliance", clear_untrusted_proxy_headers=True,
             # Our own limit answers with a SCIM 413; waitress's is a backstop.
-            max_request_body_size=settings.max_body_bytes * 4,
+            max_request_body_size=max(settings.max_body_bytes, MAX_GROUP_BODY_BYTES) * 2,
             max_request_header_size=MAX_HEADER_BYTES, **proxy)
         server.channel_class = _strict_channel_class()
         servers.append(server)

@@ -148,6 +148,16 @@ def assert_scim_error(response, status, scim_type=None):
     return body
 
 
+def fill(text, replacements=None):
+    """A documented request body (Microsoft's, Okta's) with the example ids
+    it names replaced by ours, as bytes; it must stay valid JSON."""
+    for documented, ours in (replacements or {}).items():
+        assert documented in text
+        text = text.replace(documented, ours)
+    json.loads(text)
+    return text.encode("utf-8")
+
+
 def stored_document(db, table, resource_id):
     """The JSON document stored for a user or group (None if there is no row)."""
     row = db.execute("SELECT document FROM %s WHERE id = ?" % table, (resource_id,)).fetchone()

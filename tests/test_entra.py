@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 import scim_appliance
-from conftest import assert_scim_error, PUBLIC_URL, snapshot, stored_document, stored_members
+from conftest import assert_scim_error, fill, PUBLIC_URL, snapshot, stored_document, stored_members
 from scim_appliance import URN_ENTERPRISE, URN_GROUP, URN_LIST, URN_USER
 
 SCIM_CT = "application/scim+json"
@@ -317,15 +317,6 @@ R40_REMOVE_FLAG = """{
 
 
 # -- helpers -----------------------------------------------------------------------
-
-def fill(text, replacements=None):
-    """A documented body with Microsoft's example ids replaced by ours, as bytes."""
-    for documented, ours in (replacements or {}).items():
-        assert documented in text
-        text = text.replace(documented, ours)
-    json.loads(text)   # still the valid JSON Microsoft documents
-    return text.encode("utf-8")
-
 
 def send(client, method, path, text, status, replacements=None):
     """Send a documented body exactly as Entra does (scim+json with charset, no Accept)."""

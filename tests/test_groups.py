@@ -241,10 +241,13 @@ def test_put_without_members_empties_the_group(client, db, users):
 
 
 def test_put_ignores_read_only_attributes(client, db, users):
-    """RFC 7644 §3.5.1: id and meta in a PUT body are ignored."""
+    """RFC 7644 §3.5.1: meta in a PUT body is ignored; the id may be sent
+    back, and only unchanged (check_own_id, test_okta.py)."""
     group = client.create_group("RO")
+    assert_scim_error(client.put("/Groups/" + group["id"], {"id": "other", "displayName": "RO"}, status=400),
+                      400, "mutability")
     replaced = client.put("/Groups/" + group["id"], {
-        "id": "other", "displayName": "RO", "meta": {"version": 'W/"50"', "created": "2000-01-01T00:00:00Z"},
+        "id": group["id"], "displayName": "RO", "meta": {"version": 'W/"50"', "created": "2000-01-01T00:00:00Z"},
         "members": [{"value": users[0]["id"], "display": "Not mine"}]}).json
     assert replaced["id"] == group["id"]
     assert replaced["meta"]["version"] == 'W/"2"'

@@ -173,10 +173,10 @@ def test_patch_adding_exactly_max_members_in_any_number_of_operations_is_applied
 
 def test_members_limit_is_checked_before_the_members_are_looked_up(client, db):
     """At the real MAX_MEMBERS over HTTP: MAX_MEMBERS + 1 ids (none of which exist) is tooMany,
-    not a database lookup answered invalidValue; the body stays under MAX_BODY_BYTES."""
+    not a database lookup answered invalidValue; the body stays under a group's body limit."""
     ids = [str(uuid.uuid4()) for _ in range(scim_appliance.MAX_MEMBERS + 1)]
     body = {"schemas": [URN_GROUP], "displayName": "Huge", "members": refs(ids)}
-    assert len(json.dumps(body).encode()) < scim_appliance.MAX_BODY_BYTES
+    assert scim_appliance.MAX_BODY_BYTES < len(json.dumps(body).encode()) < scim_appliance.MAX_GROUP_BODY_BYTES
     assert_scim_error(client.post("/Groups", body, status="*"), 400, "tooMany")
     assert count(db, "groups") == 0 and count(db, "members") == 0
     body["members"] = refs(ids[:-1])   # at the limit the ids are looked up: none exists
@@ -190,12 +190,13 @@ def empty_group_document():
     return scim_appliance.canonical_document(GROUP, {"schemas": [URN_GROUP], "displayName": "Big"})
 
 
-MEMBER_IDS = ["member-%05d" % i for i in range(10001)]
+MEMBER_IDS = ["member-%06d" % i for i in range(100001)]
 
 
-def test_real_members_limit_is_ten_thousand():
-    """The README promises 10,000; the engine tests below rely on it."""
-    assert scim_appliance.MAX_MEMBERS == 10000
+def test_real_members_limit_is_a_hundred_thousand():
+    """The README promises 100,000 (an Okta group push names a group's whole
+    membership in one request); the engine tests below rely on it."""
+    assert scim_appliance.MAX_MEMBERS == 100000
 
 
 @pytest.mark.parametrize("parts", [1, 2, 7])
@@ -391,6 +392,8 @@ DOCUMENTED = [
     # (table row, pattern, module constants its numbers must equal, words the row must contain)
     ("request body", r"([\d,]+) MiB", lambda: [scim_appliance.MAX_BODY_BYTES // (1024 * 1024)],
      ("413", "--max-body-bytes")),
+    ("a group's request body", r"([\d,]+) MiB", lambda: [scim_appliance.MAX_GROUP_BODY_BYTES // (1024 * 1024)],
+     ("413", "--max-body-bytes")),
     ("filter", r"([\d,]+) characters", lambda: [scim_appliance.MAX_FILTER_LENGTH], ()),
     ("filter", r"([\d,]+) comparisons", lambda: [scim_appliance.MAX_FILTER_TERMS], ()),
     ("filter", r"([\d,]+) levels", lambda: [scim_appliance.MAX_FILTER_DEPTH], ()),
@@ -413,6 +416,23 @@ def test_readme_limits_table_states_the_module_constants(row, pattern, constants
     assert number(pattern, limits[row]) == constants()
     for word in words:
         assert word in limits[row]
+
+
+def test_a_group_body_may_be_larger_than_max_body_bytes_up_to_the_group_limit(client, db):
+    """A group's POST, PUT and PATCH bodies may name MAX_MEMBERS members, so
+    their limit is MAX_GROUP_BODY_BYTES; a user's stays MAX_BODY_BYTES."""
+    padding = "x" * (2 * scim_appliance.MAX_BODY_BYTES)   # an unknown attribute: ignored, but it counts
+    group = client.create_group("Roomy", padding=padding)
+    client.put("/Groups/" + group["id"], {"schemas": [URN_GROUP], "displayName": "Roomy", "padding": padding})
+    too_big = "x" * (scim_appliance.MAX_GROUP_BODY_BYTES + 1)
+    before = snapshot(db)
+    for method, path in (("POST", "/Groups"), ("PUT", "/Groups/" + group["id"])):
+        response = client.request(method, path, {"schemas": [URN_GROUP], "displayName": "Roomy",
+                                                  "padding": too_big}, status="*")
+        assert_scim_error(response, 413)
+    assert_scim_error(client.post("/Users", {"schemas": [URN_USER], "userName": "big@example.com",
+                                             "padding": padding}, status="*"), 413)
+    assert snapshot(db) == before
 
 
 def test_readme_body_limit_is_exactly_one_mebibyte():

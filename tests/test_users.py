@@ -697,10 +697,16 @@ def test_put_clears_attributes_the_body_omits(client, db):
 
 
 def test_put_ignores_read_only_attributes_in_the_body(client, db):
-    """RFC 7644 §3.5.1: readOnly values in a PUT body are ignored."""
+    """RFC 7644 §3.5.1: readOnly values in a PUT body are ignored; the id
+    may be sent back, and only unchanged (check_own_id, test_okta.py)."""
     user = client.create_user("ro-put@example.com")
+    before = snapshot(db, user["id"])
+    refused = client.put("/Users/" + user["id"], {"schemas": [URN_USER], "id": "another-id",
+                                                  "userName": "ro-put@example.com"}, status=400)
+    assert_scim_error(refused, 400, "mutability")
+    assert snapshot(db, user["id"]) == before
     replaced = client.put("/Users/" + user["id"], {
-        "schemas": [URN_USER], "id": "another-id", "userName": "ro-put@example.com",
+        "schemas": [URN_USER], "id": user["id"], "userName": "ro-put@example.com",
         "meta": {"created": "2000-01-01T00:00:00Z", "version": 'W/"99"', "resourceType": "Group"},
         "groups": [{"value": "x"}], "displayName": "D"}).json
     assert replaced["id"] == user["id"]
