@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""scim-appliance: an on-premises SCIM 2.0 server for Microsoft Entra ID.
+"""scim-appliance: an on-premises SCIM 2.0 server for Microsoft Entra ID and Okta.
 
 One module, read top to bottom, lower layers first:
 
@@ -15,8 +15,9 @@ One module, read top to bottom, lower layers first:
    10. Admin page         make_admin_app: tokens, activity, the connection panel
    11. Server and CLI     serve(), main(argv)
 
-Specifications: RFC 7643 (schema), RFC 7644 (protocol), and Microsoft's
-"Develop and plan provisioning for a SCIM endpoint in Microsoft Entra ID".
+Specifications: RFC 7643 (schema), RFC 7644 (protocol), Microsoft's
+"Develop and plan provisioning for a SCIM endpoint in Microsoft Entra ID",
+and Okta's "SCIM 2.0 Protocol Reference" (developer.okta.com).
 """
 
 import argparse
@@ -5332,7 +5333,7 @@ def _positive(value, name, least=1):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="scim_appliance.py",
-        description="An on-premises SCIM 2.0 server for Microsoft Entra ID provisioning. "
+        description="An on-premises SCIM 2.0 server for Microsoft Entra ID and Okta provisioning. "
                     "Without a command, runs `serve` with its defaults.",
         epilog="Every serve option can also be set with the environment variable shown beside it.")
     parser.add_argument("--version", action="version", version="scim-appliance " + __version__)
@@ -5784,7 +5785,7 @@ SYSTEMD_TEMPLATE = """\
 #   install -d -o {user} -g {user} -m 700 {data_dir}
 #   systemctl daemon-reload && systemctl enable --now scim-appliance
 [Unit]
-Description=scim-appliance: SCIM 2.0 server for Microsoft Entra ID provisioning
+Description=scim-appliance: SCIM 2.0 server for Microsoft Entra ID and Okta provisioning
 After=network-online.target
 Wants=network-online.target
 
