@@ -5528,6 +5528,11 @@ class RequestDispatcher:
                 lane.shutdown(cancel_pending, timeout)
         return True
 
+    @property
+    def threads(self):
+        """The lanes' worker threads still running (waitress's own dispatcher has the same set)."""
+        return set().union(*(lane.threads for lane in (self.readers, self.writers) if lane is not None))
+
 
 def create_waitress_server(app, threads, writers=0, is_write=None, **options):
     """A waitress server for `app` and the function the event loop calls
@@ -5691,10 +5696,10 @@ def serve(settings, out=sys.stdout):
         # out, then write the log and fold the WAL into the database file.
         _take_in_arrived(server._map)
         for opened in servers:
-            opened.close()
+            _stop_listening(opened)
         finished = _drain(server._map, run_pending, time.monotonic() + SHUTDOWN_GRACE_SECONDS)
         for opened in servers:
-            opened.task_dispatcher.shutdown(timeout=5)
+            _shut_down(opened)
         activity.stop()
         try:
             store.checkpoint()
@@ -5708,6 +5713,24 @@ def serve(settings, out=sys.stdout):
             signal.signal(number, handler)
         print("scim-appliance stopped%s" % ("" if finished else " (some requests were still running after %d s)"
                                             % SHUTDOWN_GRACE_SECONDS), file=out)
+
+
+def _stop_listening(server):
+    """Close a waitress server's listening socket, not its trigger (as
+    server.close() would): a worker thread still finishing a request pulls
+    the trigger when it is done, and os.write() to the closed pipe's number
+    writes its b"x" into whatever file has taken that number since. Here
+    that was byte 0 of the database file ("xQLite format 3")."""
+    import waitress.wasyncore
+    waitress.wasyncore.dispatcher.close(server)
+
+
+def _shut_down(server, timeout=5):
+    """Stop a server's worker threads, then close its trigger, unless one
+    is still running (then the pipe stays open until the process ends)."""
+    server.task_dispatcher.shutdown(timeout=timeout)
+    if not server.task_dispatcher.threads:
+        server.trigger.close()
 
 
 def _take_in_arrived(socket_map):

@@ -612,3 +612,49 @@ def test_event_loop_never_waits_for_a_client_that_does_not_read():
         loop.close()
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and body == chunk * 24
+
+
+def test_a_stopping_server_keeps_its_trigger_until_no_worker_can_pull_it():
+    """serve()'s stop closes the listening socket at once (_stop_listening)
+    but the trigger pipe only when no worker thread is left (_shut_down). A
+    worker finishing a request pulls the trigger: os.write() on the closed
+    pipe's number once wrote its b"x" over byte 0 of the database file,
+    whose connection had taken that number."""
+    release = threading.Event()
+
+    def app(environ, start_response):
+        release.wait(20)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"late"]
+
+    server, run_pending = scim_appliance.create_waitress_server(
+        app, 0, writers=1, is_write=scim_appliance.is_write_request, host="127.0.0.1", port=0)
+    stopping = threading.Event()
+    loop = threading.Thread(target=scim_appliance.run_event_loop, args=(server, run_pending, stopping, 0.05),
+                            daemon=True)
+    loop.start()
+    client = socket.create_connection(("127.0.0.1", int(server.effective_port)), timeout=20)
+    try:
+        client.sendall(b"POST /scim/Users HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        deadline = time.monotonic() + 20
+        while not server.task_dispatcher.threads or not any(
+                channel.requests for channel in list(server._map.values()) if hasattr(channel, "requests")):
+            assert time.monotonic() < deadline, "the request never reached the writer thread"
+            time.sleep(0.01)
+        scim_appliance._stop_listening(server)
+        scim_appliance._shut_down(server, timeout=0.2)   # the writer is still inside the request
+        assert not server.trigger._closed and server.task_dispatcher.threads
+        release.set()
+        assert receive_until_closed(client).endswith(b"late")   # its pull reached the open pipe
+        stopping.set()
+        loop.join(timeout=10)
+        deadline = time.monotonic() + 20
+        while server.task_dispatcher.threads:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        scim_appliance._shut_down(server)
+        assert server.trigger._closed
+    finally:
+        release.set()
+        stopping.set()
+        client.close()
