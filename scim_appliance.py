@@ -4417,6 +4417,10 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
             headers["ETag"] = version
         return scim_response(status, resource, headers)
 
+    def streams_members(resource_type, projection):
+        """Whether the response is a group with its members (group_with_members)."""
+        return resource_type is GROUP and projection.wants("members")
+
     def group_with_members(status, group_id, projection, extra=()):
         """A group's response with its members, streamed from one read
         snapshot (GroupWithMembers): a 100,000-member group is never a list
@@ -4468,7 +4472,7 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
             content = read_resource_body(resource_type, request)
             del request   # the parsed JSON goes before the write
             projection = projection_of(resource_type, read_query(environ))
-            streamed = resource_type is GROUP and projection.wants("members")
+            streamed = streams_members(resource_type, projection)
             resource = create_resource(store, resource_type, content, base_url,
                                        WITHOUT_MEMBERS if streamed else projection)
             note_activity(environ, resource_type, resource, "created")
@@ -4490,7 +4494,7 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
         @scim_route(endpoint + "/*", "GET")
         def read(environ, resource_id, resource_type=resource_type):
             projection = projection_of(resource_type, read_query(environ))
-            if resource_type is GROUP and projection.wants("members"):
+            if streams_members(resource_type, projection):
                 response = group_with_members(200, resource_id, projection)
             else:
                 response = resource_response(200, get_resource(store, resource_type, resource_id, base_url,
@@ -4507,7 +4511,7 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
         def replace(environ, resource_id, resource_type=resource_type):
             note_activity(environ, resource_type, None, "replace")
             projection = projection_of(resource_type, read_query(environ))
-            streamed = resource_type is GROUP and projection.wants("members")
+            streamed = streams_members(resource_type, projection)
             content = read_resource_body(resource_type, body(environ, resource_type), resource_id)
             resource = replace_resource(store, resource_type, resource_id, content, base_url, if_match(environ),
                                         WITHOUT_MEMBERS if streamed else projection)
