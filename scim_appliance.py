@@ -97,6 +97,12 @@ FULL_HEADROOM_BYTES = MB           # after "disk full", writes count as healed o
 ACTIVITY_WRITE_WAIT = 1.0          # the activity log's writes wait this long for the lock, then retry later
 ADMIN_FLUSH_WAIT = 0.5             # the admin page waits this long to write the pending activity first
 LOOP_WRITER_THREADS = 1            # with --threads 0, SCIM writes run on a thread of their own (2 measured slower)
+DEFAULT_EVENTS_PAGE = 100          # events per /events answer when `limit` is absent ...
+MAX_EVENTS_PAGE = 1000             # ... and at most
+MAX_EVENTS_WAIT = 30               # seconds a long-poll of /events may wait for a new event
+MAX_WAITING_POLLS = 256            # long-polls waiting at once, each on a feed thread; more queue
+EVENTS_PRUNE_BATCH = 1000          # expired events are deleted this many per transaction
+TOKEN_SCOPES = ("provision", "read")   # provision: the identity provider; read: the customer's software
 
 URN_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
 URN_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
@@ -158,6 +164,7 @@ class Settings:
     # up front (503), before SQLite meets ENOSPC halfway through a commit or
     # a checkpoint; /healthz says "full".
     min_free_mb: int = 64                  # megabytes; 0: no floor
+    events_days: int = 30                  # the change feed keeps events this many days
 
     @property
     def base_url(self):
@@ -420,6 +427,43 @@ MIGRATIONS = [
             checked TEXT NOT NULL
         )""",
     ],
+    # 4: the change feed (GET /events, README "Following changes"): every
+    # change's events, appended in the change's own transaction, and the
+    # scope that lets a token read it.
+    [
+        """CREATE TABLE events (
+            -- AUTOINCREMENT: a number is never handed out twice, even after
+            -- the newest events were pruned (plain rowids reuse the highest).
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            event_id TEXT NOT NULL,                 -- a random UUID; a cursor carries its start
+            time TEXT NOT NULL,                     -- UTC dateTime of the commit
+            type TEXT NOT NULL,                     -- user.created, group.member_added, ...
+            event_uri TEXT NOT NULL,                -- RFC 9967, e.g. urn:ietf:params:scim:event:prov:create:full
+            resource_type TEXT NOT NULL,            -- 'User' or 'Group'
+            resource_id TEXT NOT NULL,
+            external_id TEXT,
+            version INTEGER NOT NULL,               -- the resource's meta.version after the change
+            txn TEXT NOT NULL,                      -- shared by the events of one request (RFC 9967 txn)
+            token_name TEXT,                        -- the token that made the change
+            body TEXT NOT NULL                      -- the event as GET /events gives it, but its cursor
+        )""",
+        """CREATE VIEW scim_events AS SELECT
+            seq,                                    -- the order of the changes' commits
+            event_id,
+            time,
+            type,
+            event_uri,
+            resource_type,
+            resource_id,
+            external_id,
+            version,
+            txn,
+            token_name,
+            body AS event                           -- JSON: resource, attributes, data
+        FROM events""",
+        "ALTER TABLE tokens ADD COLUMN scope TEXT NOT NULL DEFAULT 'provision' "
+        "CHECK (scope IN ('provision', 'read'))",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -590,6 +634,66 @@ class StorageMonitor:
         return figures
 
 
+class EventHead:
+    """The newest event's sequence number, as this process committed it,
+    and a place to wait for the next one (a long-poll of GET /events).
+
+    Only this process appends events (the CLI writes tokens, never
+    resources), so the head it keeps is the database's. `advance` runs right
+    after a COMMIT that appended events; `wait_past` sleeps on a condition
+    variable until the head passes a sequence number, the deadline comes, or
+    `release` lets every waiter go at shutdown. It also counts the events
+    appended per second, for /metrics and the overview.
+    """
+
+    def __init__(self, head=0, clock=time.monotonic):
+        self.head = head
+        self.clock = clock
+        self.released = False
+        self._changed = threading.Condition()
+        self._per_second = collections.deque(maxlen=61)   # [second, events], the last minute
+
+    def advance(self, head, count):
+        with self._changed:
+            self.head = max(self.head, head)
+            second = int(self.clock())
+            if self._per_second and self._per_second[-1][0] == second:
+                self._per_second[-1][1] += count
+            else:
+                self._per_second.append([second, count])
+            self._changed.notify_all()
+
+    def reset(self, head):
+        """After a restore: the head is the restored database's."""
+        with self._changed:
+            self.head = head
+            self._changed.notify_all()
+
+    def wait_past(self, seq, timeout):
+        """Wait until the head is past `seq` (True), or `timeout` seconds
+        pass or the server stops (False)."""
+        deadline = self.clock() + timeout
+        with self._changed:
+            while self.head <= seq and not self.released:
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+            return self.head > seq
+
+    def release(self):
+        """Let every waiting long-poll answer now (the server is stopping)."""
+        with self._changed:
+            self.released = True
+            self._changed.notify_all()
+
+    def per_second(self):
+        """Events appended per second, averaged over the last minute."""
+        with self._changed:
+            since = int(self.clock()) - 60
+            return sum(count for second, count in self._per_second if second >= since) / 60.0
+
+
 class Store:
     """The SQLite database: one connection per thread, explicit transactions.
 
@@ -622,10 +726,12 @@ class Store:
         # Moves on after every commit in this process that changed the
         # tokens table, so TokenCheck sees it on the next request.
         self.token_generation = 0
+        self.event_head = EventHead()
         self._check_integrity()
         try:
             self._enable_wal()
             self.migrate()
+            self.refresh_event_head()
         except sqlite3.DatabaseError as exc:   # not a database, unreadable, unwritable
             self.close()
             raise DatabaseError("%s is not a usable SQLite database: %s" % (path, exc)) from exc
@@ -796,6 +902,8 @@ class Store:
                 yield tx
             if tx.tokens_changed:
                 self.token_generation += 1
+            if tx.events_appended:
+                self.event_head.advance(tx.last_event_seq, tx.events_appended)
         finally:
             self._local.writing = False
             self._write_lock.release()
@@ -817,6 +925,10 @@ class Store:
                 raise
             raise fault from exc
         return conn
+
+    def refresh_event_head(self):
+        """Read the newest event's number from the file (at start, after a restore)."""
+        self.event_head.reset(self.read_once().event_bounds()[1])
 
     def _locked_detail(self):
         return ("the database is locked by another process (a backup, Litestream, an sqlite3 shell) for "
@@ -902,6 +1014,8 @@ class Transaction:
     def __init__(self, conn):
         self.conn = conn
         self.tokens_changed = False   # the set of live tokens changed (Store.write reads it)
+        self.events_appended = 0      # events this transaction appended (Store.write reads it) ...
+        self.last_event_seq = 0       # ... and the sequence number of the last
 
     # -- users and groups ---------------------------------------------------
 
@@ -941,14 +1055,17 @@ class Transaction:
         return rows[0] if rows else None
 
     def delete_resource(self, table, resource_id):
-        """Delete a user or group and every membership that names it."""
+        """Delete a user or group and every membership that names it; returns
+        the groups it was in (groups_containing), their versions moved on."""
         now = utc_now()
         # The groups that lose a member change too: their version moves on.
         self.conn.execute(
             "UPDATE groups SET version = version + 1, last_modified = ? "
             "WHERE id IN (SELECT group_id FROM members WHERE member_id = ?)", (now, resource_id))
+        parents = self.groups_containing(resource_id)
         self.conn.execute("DELETE FROM members WHERE member_id = ?", (resource_id,))
         self.conn.execute("DELETE FROM %s WHERE id = ?" % table, (resource_id,))
+        return parents
 
     def count(self, table, where, params):
         sql = "SELECT count(*) FROM %s WHERE %s" % (table, where)
@@ -987,27 +1104,45 @@ class Transaction:
                 found[member_id] = "Group"
         return found
 
+    def members_among(self, group_id, member_ids):
+        """Those of `member_ids` that are members of the group already."""
+        found = set()
+        for chunk, marks in _chunks(member_ids):
+            found.update(member_id for (member_id,) in self.conn.execute(
+                "SELECT member_id FROM members WHERE group_id = ? AND member_id IN (%s)" % marks,
+                [group_id] + chunk))
+        return found
+
     def add_members(self, group_id, typed_ids):
-        """Insert (member_id, member_type) pairs; existing members stay as they are."""
-        before = self.conn.total_changes
+        """Insert (member_id, member_type) pairs that are not members yet."""
         self.conn.executemany(
-            "INSERT OR IGNORE INTO members (group_id, member_id, member_type) VALUES (?, ?, ?)",
+            "INSERT INTO members (group_id, member_id, member_type) VALUES (?, ?, ?)",
             ((group_id, member_id, member_type) for member_id, member_type in typed_ids))
-        return self.conn.total_changes - before
+
+    # Each removal returns the (member_id, member_type) pairs it removed:
+    # the change feed's group.member_removed events.
 
     def remove_members(self, group_id, member_ids):
-        before = self.conn.total_changes
-        self.conn.executemany("DELETE FROM members WHERE group_id = ? AND member_id = ?",
-                              [(group_id, member_id) for member_id in member_ids])
-        return self.conn.total_changes - before
+        removed = []
+        for chunk, marks in _chunks(member_ids):
+            removed += self.conn.execute(
+                "DELETE FROM members WHERE group_id = ? AND member_id IN (%s) RETURNING member_id, member_type"
+                % marks, [group_id] + chunk).fetchall()
+        return removed
 
     def remove_members_where(self, group_id, where, params):
         """Remove the members matching a filter translated for the members table."""
-        return self.conn.execute("DELETE FROM members WHERE group_id = ? AND (%s)" % where,
-                                 (group_id,) + tuple(params)).rowcount
+        return self.conn.execute("DELETE FROM members WHERE group_id = ? AND (%s) RETURNING member_id, member_type"
+                                 % where, (group_id,) + tuple(params)).fetchall()
 
     def clear_members(self, group_id):
-        return self.conn.execute("DELETE FROM members WHERE group_id = ?", (group_id,)).rowcount
+        return self.conn.execute("DELETE FROM members WHERE group_id = ? RETURNING member_id, member_type",
+                                 (group_id,)).fetchall()
+
+    def groups_containing(self, member_id):
+        """The rows (id, display_name, external_id, version) of the groups `member_id` is in."""
+        return self.conn.execute("SELECT g.id, g.display_name, g.external_id, g.version FROM members m "
+                                 "JOIN groups g ON g.id = m.group_id WHERE m.member_id = ?", (member_id,)).fetchall()
 
     def member_types_of(self, group_id):
         """{member id: 'User' | 'Group'} of a group's members."""
@@ -1046,10 +1181,10 @@ class Transaction:
 
     # -- tokens -------------------------------------------------------------
 
-    def insert_token(self, name, digest, created, hint=None, expires=None):
+    def insert_token(self, name, digest, created, hint=None, expires=None, scope="provision"):
         try:
-            self.conn.execute("INSERT INTO tokens (name, digest, created, hint, expires) VALUES (?, ?, ?, ?, ?)",
-                              (name, digest, created, hint, expires))
+            self.conn.execute("INSERT INTO tokens (name, digest, created, hint, expires, scope) "
+                              "VALUES (?, ?, ?, ?, ?, ?)", (name, digest, created, hint, expires, scope))
         except sqlite3.IntegrityError as exc:
             raise ValueError("a token named %r already exists" % name) from exc
         self.tokens_changed = True
@@ -1061,20 +1196,20 @@ class Transaction:
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
 
     def live_tokens(self):
-        """(name, digest, expires) of every token that has not been revoked."""
+        """(name, digest, expires, scope) of every token that has not been revoked."""
         return self.conn.execute(
-            "SELECT name, digest, expires FROM tokens WHERE revoked IS NULL").fetchall()
+            "SELECT name, digest, expires, scope FROM tokens WHERE revoked IS NULL").fetchall()
 
     def list_tokens(self):
         """Every token, oldest first, as dicts (never the token itself: it is not stored)."""
         cursor = self.conn.execute(
-            "SELECT name, hint, created, last_used, expires, revoked FROM tokens ORDER BY created, rowid")
+            "SELECT name, hint, created, last_used, expires, revoked, scope FROM tokens ORDER BY created, rowid")
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor]
 
     def token_names(self):
-        """The names of the live tokens."""
-        return {name for (name,) in self.conn.execute("SELECT name FROM tokens WHERE revoked IS NULL")}
+        """{name: scope} of the live tokens."""
+        return dict(self.conn.execute("SELECT name, scope FROM tokens WHERE revoked IS NULL"))
 
     def last_token_use(self):
         """(last_used, name) of the most recently used token, or None."""
@@ -1089,6 +1224,52 @@ class Transaction:
 
     def touch_token(self, digest, now):
         self.conn.execute("UPDATE tokens SET last_used = ? WHERE digest = ?", (now, digest))
+
+    # -- the change feed ------------------------------------------------------
+
+    EVENT_COLUMNS = ("event_id", "time", "type", "event_uri", "resource_type", "resource_id", "external_id",
+                     "version", "txn", "token_name", "body")
+
+    def append_events(self, events):
+        """Append event rows (tuples in EVENT_COLUMNS order), numbered in commit order."""
+        self.conn.executemany("INSERT INTO events (%s) VALUES (%s)" % (
+            ", ".join(self.EVENT_COLUMNS), ", ".join("?" * len(self.EVENT_COLUMNS))), events)
+        self.events_appended += len(events)
+        self.last_event_seq = self.conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+
+    def event_bounds(self):
+        """(oldest, newest) sequence numbers kept; (0, 0) before the first event."""
+        oldest, newest = self.conn.execute("SELECT min(seq), max(seq) FROM events").fetchone()
+        return oldest or 0, newest or 0
+
+    def event_id_at(self, seq):
+        """The id of event `seq`, or None if it is not kept."""
+        row = self.conn.execute("SELECT event_id FROM events WHERE seq = ?", (seq,)).fetchone()
+        return row[0] if row else None
+
+    def event_time_at(self, seq):
+        row = self.conn.execute("SELECT time FROM events WHERE seq = ?", (seq,)).fetchone()
+        return row[0] if row else None
+
+    def events_after(self, seq, limit):
+        """[(seq, event_id, body)] of the first `limit` events after `seq`."""
+        return self.conn.execute("SELECT seq, event_id, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                                 (seq, limit)).fetchall()
+
+    def prune_events(self, before, batch):
+        """Delete up to `batch` of the oldest events, those older than `before`
+        (a UTC dateTime) and never the newest: what is left always starts
+        where the deleted part ended, with no gap, and the newest event
+        stays to vouch for the head's cursor. Returns how many went."""
+        rows = self.conn.execute("SELECT seq, time FROM events ORDER BY seq LIMIT ?", (batch + 1,)).fetchall()
+        last = None
+        for seq, time_text in rows[:min(batch, len(rows) - 1)]:   # the newest never goes
+            if time_text >= before:
+                break
+            last = seq
+        if last is None:
+            return 0
+        return self.conn.execute("DELETE FROM events WHERE seq <= ?", (last,)).rowcount
 
     # -- health, backups and data out ------------------------------------------
 
@@ -3093,10 +3274,12 @@ def _load(tx, resource_type, resource_id, projection=None):
     return row
 
 
-def _add_members(tx, group_id, members):
-    """Add (id, type) members; every one must exist, or nothing is added."""
+def _add_members(tx, group_id, members, change, new_group=False):
+    """Add (id, type) members, noting in `change` (a MembershipChange) those
+    that were not members yet; every one must exist, or nothing is added.
+    A `new_group` has no members to look for."""
     if not members:
-        return 0
+        return
     found = tx.member_types({member_id for member_id, _ in members})
     missing = sorted({member_id for member_id, _ in members if member_id not in found})
     if missing:
@@ -3108,14 +3291,17 @@ def _add_members(tx, group_id, members):
                 member_id, found[member_id], member_type))
         if member_id == group_id:
             raise ScimError(400, "invalidValue", "a group cannot be a member of itself")
-    return tx.add_members(group_id, ((member_id, found[member_id]) for member_id, _ in members))
+    present = set() if new_group else tx.members_among(group_id, list(found))
+    added = {member_id: found[member_id] for member_id, _ in members if member_id not in present}
+    tx.add_members(group_id, added.items())
+    change.add(added.items())
 
 
-def _replace_members(tx, group_id, members):
+def _replace_members(tx, group_id, members, change):
     """Make the group's members exactly the (id, type) pairs `members`,
     writing only the difference. Okta pushes a group's whole membership
     again (PUT, or PATCH replace of "members"); when one member of 100,000
-    changed, one row is written. Returns the number of rows changed."""
+    changed, one row is written."""
     wanted = {}
     for member_id, member_type in members:
         wanted.setdefault(member_id, member_type)
@@ -3124,34 +3310,35 @@ def _replace_members(tx, group_id, members):
         if member_type not in (None, current.get(member_id, member_type)):
             raise ScimError(400, "invalidValue", "%s is a %s, not a %s" % (member_id, current[member_id], member_type))
     gone = [member_id for member_id in current if member_id not in wanted]
-    changed = tx.remove_members(group_id, gone) if gone else 0
-    return changed + _add_members(tx, group_id, [(member_id, member_type) for member_id, member_type
-                                                 in wanted.items() if member_id not in current])
+    if gone:
+        change.remove(tx.remove_members(group_id, gone))
+    _add_members(tx, group_id, [(member_id, member_type) for member_id, member_type in wanted.items()
+                                if member_id not in current], change, new_group=True)
 
 
 def _apply_member_changes(tx, group_id, changes):
-    """Apply apply_patch's member changes; the number of rows changed. A
+    """Apply apply_patch's member changes; returns the MembershipChange. A
     "clear" followed by an "add" (a replace of "members", or a remove of all
     of them and an add) is one _replace_members."""
-    changed = 0
+    change = MembershipChange()
     clearing = False
-    for change in changes:
-        if clearing and change[0] == "add":
-            changed += _replace_members(tx, group_id, change[1])
+    for kind, *argument in changes:
+        if clearing and kind == "add":
+            _replace_members(tx, group_id, argument[0], change)
         else:
             if clearing:
-                changed += tx.clear_members(group_id)
-            if change[0] == "add":
-                changed += _add_members(tx, group_id, change[1])
-            elif change[0] == "remove":
-                changed += tx.remove_members(group_id, change[1])
-            elif change[0] == "remove_where":
-                where, params = member_filter_to_sql(change[1])
-                changed += tx.remove_members_where(group_id, where, params)
-        clearing = change[0] == "clear"
+                change.remove(tx.clear_members(group_id))
+            if kind == "add":
+                _add_members(tx, group_id, argument[0], change)
+            elif kind == "remove":
+                change.remove(tx.remove_members(group_id, argument[0]))
+            elif kind == "remove_where":
+                where, params = member_filter_to_sql(argument[0])
+                change.remove(tx.remove_members_where(group_id, where, params))
+        clearing = kind == "clear"
     if clearing:
-        changed += tx.clear_members(group_id)
-    return changed
+        change.remove(tx.clear_members(group_id))
+    return change
 
 
 def _render_loaded(tx, resource_type, row, base_url, projection, document=None):
@@ -3164,6 +3351,152 @@ def _render_loaded(tx, resource_type, row, base_url, projection, document=None):
     if resource_type is USER and groups is None and projection.wants("groups"):
         groups = tx.groups_of([row["id"]])[row["id"]]
     return projection.apply(render_resource(resource_type, row, base_url, members, groups, document))
+
+
+# -- the change feed's events ------------------------------------------------
+#
+# Every write appends its events in its own transaction (ChangeEvents), so
+# the feed's order is the commits' order, no reader sees an event of a change
+# that was rolled back, and none misses one that was committed. The names
+# are those directory-sync services use; beside each, the event URI of RFC
+# 9967 ("SCIM Profile for Security Event Tokens").
+
+EVENT_URI_PREFIX = "urn:ietf:params:scim:event:prov:"
+# The URI of the request's own kind of change, for the events that do not
+# have one of their own (updates and membership changes).
+OPERATION_EVENT_URIS = {"create": "create:full", "put": "put:full", "patch": "patch:full", "delete": "patch:full"}
+EVENT_URIS = {   # event type -> RFC 9967 event URI (after the prefix); None: the operation's
+    "user.created": "create:full", "group.created": "create:full",
+    "user.updated": None, "group.updated": None,
+    "user.deactivated": "deactivate", "user.reactivated": "activate",
+    "user.deleted": "delete", "group.deleted": "delete",
+    "group.member_added": None, "group.member_removed": None,
+}
+
+
+class ChangeEvents:
+    """The events of one write (one request: one transaction, one RFC 9967
+    `txn`), appended by `append` inside that transaction.
+
+    Representations are those GET returns, without a user's `groups` or a
+    group's `members`: membership changes are events of their own, one per
+    member, so a 100,000-member group is never copied into an event.
+    """
+
+    def __init__(self, tx, base_url, token_name, operation):
+        self.tx = tx
+        self.base_url = base_url
+        self.token_name = token_name
+        self.operation = operation
+        self.txn = str(uuid.uuid4())
+        self.time = utc_now()
+        self.rows = []
+
+    def resource(self, event_type, resource_type, row, document=None, attributes=None):
+        """A user.* or group.* event carrying the resource as it is now (as it was, for a delete)."""
+        representation = render_resource(resource_type, row, self.base_url, document=document)
+        self._add(event_type, resource_type, row["id"], representation.get("externalId"), row["version"],
+                  representation, attributes)
+
+    def membership(self, group, added=(), removed=()):
+        """group.member_added/removed events, one per member; `group` is the
+        row (id, display_name, external_id, version) after the change."""
+        group_id, display_name, external_id, version = group
+        for event_type, members in (("group.member_added", added), ("group.member_removed", removed)):
+            for member_id, member_type in members:
+                self._add(event_type, GROUP, group_id, external_id, version,
+                          {"group": {"value": group_id, "display": display_name},
+                           "member": {"value": member_id, "type": member_type}})
+
+    def _add(self, event_type, resource_type, resource_id, external_id, version, data, attributes=None):
+        event_id = str(uuid.uuid4())
+        uri = EVENT_URI_PREFIX + (EVENT_URIS[event_type] or OPERATION_EVENT_URIS[self.operation])
+        body = {"id": event_id, "type": event_type, "timestamp": self.time, "event_uri": uri, "txn": self.txn,
+                "token_name": self.token_name,
+                "resource": {"type": resource_type.name, "id": resource_id, "externalId": external_id,
+                             "version": weak_etag(version),
+                             "location": resource_location(self.base_url, resource_type, resource_id)}}
+        if attributes is not None:
+            body["attributes"] = attributes
+        body["data"] = data
+        self.rows.append((event_id, self.time, event_type, uri, resource_type.name, resource_id, external_id,
+                          version, self.txn, self.token_name, json_text(body)))
+
+    def append(self):
+        if self.rows:
+            self.tx.append_events(self.rows)
+
+
+def changed_attributes(before, after):
+    """RFC 9967 `attributes`: the paths of the attributes whose values a
+    change made different, in the document's order. A complex attribute
+    (`name`) or an extension's object names its sub-attributes
+    (`name.givenName`, `urn:...:enterprise:2.0:User:department`); a
+    multi-valued one (`emails`) is named whole."""
+    paths = []
+    for key in list(after) + [key for key in before if key not in after]:
+        old, new = before.get(key), after.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) or isinstance(new, dict):
+            old, new = old if isinstance(old, dict) else {}, new if isinstance(new, dict) else {}
+            separator = ":" if key.lower().startswith("urn:") else "."
+            paths += [key + separator + sub for sub in list(new) + [sub for sub in old if sub not in new]
+                      if old.get(sub) != new.get(sub)]
+        else:
+            paths.append(key)
+    return paths
+
+
+def is_active(document):
+    """A user without `active` counts as active (as the scim_users view does)."""
+    return document.get("active") is not False
+
+
+def record_update(events, resource_type, row, before, after, password_changed=False):
+    """The events of a PUT or PATCH that changed `before` into `after`:
+    user.updated/group.updated with the changed attributes, and a change of
+    `active` as user.deactivated or user.reactivated (whatever form the
+    provider used: the PATCH engine has made `"False"` a boolean)."""
+    attributes = changed_attributes(before, after) + (["password"] if password_changed else [])
+    kind = resource_type.name.lower()
+    activity = None
+    if resource_type is USER and is_active(before) != is_active(after):
+        activity = "user.reactivated" if is_active(after) else "user.deactivated"
+    updated = [path for path in attributes if path != "active" or activity is None]
+    if updated:
+        events.resource(kind + ".updated", resource_type, row, after, updated)
+    if activity is not None:
+        events.resource(activity, resource_type, row, after, ["active"])
+
+
+class MembershipChange:
+    """The members a write added and removed, netted: a member removed and
+    added back in one PATCH changed nothing and makes no event."""
+
+    def __init__(self):
+        self._net = {}   # member id -> ("added" | "removed", member type)
+
+    def add(self, pairs, how="added"):
+        undo = "removed" if how == "added" else "added"
+        for member_id, member_type in pairs:
+            if self._net.get(member_id, (None,))[0] == undo:
+                del self._net[member_id]
+            else:
+                self._net[member_id] = (how, member_type)
+
+    def remove(self, pairs):
+        self.add(pairs, "removed")
+
+    def __bool__(self):
+        return bool(self._net)
+
+    def split(self):
+        """([added (id, type)], [removed (id, type)])."""
+        added = [(member_id, member_type) for member_id, (how, member_type) in self._net.items() if how == "added"]
+        removed = [(member_id, member_type) for member_id, (how, member_type) in self._net.items()
+                   if how == "removed"]
+        return added, removed
 
 
 class ResourceBody(typing.NamedTuple):
@@ -3195,17 +3528,28 @@ def _resource_body(resource_type, body, resource_id=None):
     return body if isinstance(body, ResourceBody) else read_resource_body(resource_type, body, resource_id)
 
 
-def create_resource(store, resource_type, body, base_url, projection=None):
+def _group_identity(row):
+    """What a membership event names of its group: (id, display_name, external_id, version)."""
+    return row["id"], row["display_name"], row["external_id"], row["version"]
+
+
+def create_resource(store, resource_type, body, base_url, projection=None, token_name=None):
     """POST: a new user or group (RFC 7644 §3.3), from the client's JSON
-    `body` or its ResourceBody. Returns the resource."""
+    `body` or its ResourceBody. Returns the resource. `token_name` made the
+    change (the feed's events say so)."""
     document, members, password = _resource_body(resource_type, body)
     resource_id = new_resource_id()
     now = utc_now()
     row = _row_for(resource_type, resource_id, document, now, 1, created=now, password=password)
     with store.write() as tx:
         tx.insert_resource(resource_type.table, row)
+        events = ChangeEvents(tx, base_url, token_name, "create")
+        events.resource(resource_type.name.lower() + ".created", resource_type, row, document)
         if members:
-            _add_members(tx, resource_id, members)
+            change = MembershipChange()
+            _add_members(tx, resource_id, members, change, new_group=True)
+            events.membership(_group_identity(row), *change.split())
+        events.append()
         # Rendered from what was just written: a new user is in no group yet.
         stored = dict(row, groups=[]) if resource_type is USER else row
         return _render_loaded(tx, resource_type, stored, base_url, projection or Projection(resource_type),
@@ -3277,27 +3621,48 @@ def group_json_pieces(tx, row, base_url, projection):
     return resource, pieces()
 
 
-def replace_resource(store, resource_type, resource_id, body, base_url, if_match=None, projection=None):
+def replace_resource(store, resource_type, resource_id, body, base_url, if_match=None, projection=None,
+                     token_name=None):
     """PUT (RFC 7644 §3.5.1): the body (the client's JSON, or its
     ResourceBody) replaces every client-writable attribute; readOnly
     attributes in it are ignored, but for an id that is not the resource's
     (check_own_id). A group's members become exactly the listed ones. A
-    user's password is kept unless the body sets one."""
+    user's password is kept unless the body sets one. A PUT that changes
+    nothing (Okta pushes unchanged users and groups again) keeps the
+    version and makes no event."""
     document, members, password = _resource_body(resource_type, body, resource_id)
     projection = projection or Projection(resource_type)
     with store.write() as tx:
         current = _load(tx, resource_type, resource_id, projection)
         _check_if_match(if_match, current)
-        row = _row_for(resource_type, resource_id, document, utc_now(), current["version"] + 1,
-                       password=password)
-        tx.update_resource(resource_type.table, current, row)
+        change = MembershipChange()
         if resource_type is GROUP:
-            _replace_members(tx, resource_id, members)
+            _replace_members(tx, resource_id, members, change)
+        current = _store_change(tx, resource_type, current, json.loads(current["document"]), document, password,
+                                change, ChangeEvents(tx, base_url, token_name, "put"))
         # Rendered from what was just written; a user's groups are unchanged.
-        return _render_loaded(tx, resource_type, dict(current, **row), base_url, projection, document)
+        return _render_loaded(tx, resource_type, current, base_url, projection, document)
 
 
-def patch_resource(store, resource_type, resource_id, operations, base_url, if_match=None, projection=None):
+def _store_change(tx, resource_type, current, before, document, password, change, events):
+    """Write a PUT's or PATCH's result `document` over `current` (the row as
+    read, its document parsed: `before`) and append its events, unless
+    nothing changed: then the version stays (Entra and Okta resend unchanged
+    values). Returns the row as stored now."""
+    if document == before and password is None and not change:
+        return current
+    row = _row_for(resource_type, current["id"], document, utc_now(), current["version"] + 1, password=password)
+    tx.update_resource(resource_type.table, current, row)
+    stored = dict(current, **row)   # a user's groups are unchanged
+    record_update(events, resource_type, stored, before, document, password is not None)
+    if change:
+        events.membership(_group_identity(stored), *change.split())
+    events.append()
+    return stored
+
+
+def patch_resource(store, resource_type, resource_id, operations, base_url, if_match=None, projection=None,
+                   token_name=None):
     """PATCH (RFC 7644 §3.5.2): all `operations` (from read_patch_request) apply or none do.
 
     Returns the resource (projected) when `projection` is given, else None:
@@ -3310,25 +3675,28 @@ def patch_resource(store, resource_type, resource_id, operations, base_url, if_m
         before = json.loads(current["document"])
         document, member_changes = apply_patch(resource_type, before, operations, resource_id)
         password = _take_password(document) if resource_type is USER else None
-        changed = _apply_member_changes(tx, resource_id, member_changes) if member_changes else 0
-        # A PATCH that changes nothing (Entra resending a value) keeps the version.
-        if document != before or password is not None or changed:
-            row = _row_for(resource_type, resource_id, document, utc_now(), current["version"] + 1,
-                           password=password)
-            tx.update_resource(resource_type.table, current, row)
-            current = dict(current, **row)   # what is stored now; a user's groups are unchanged
+        change = _apply_member_changes(tx, resource_id, member_changes) if member_changes else MembershipChange()
+        current = _store_change(tx, resource_type, current, before, document, password, change,
+                                ChangeEvents(tx, base_url, token_name, "patch"))
         if projection is None:
             return None
         return _render_loaded(tx, resource_type, current, base_url, projection, document)
 
 
-def delete_resource(store, resource_type, resource_id, if_match=None):
-    """DELETE (RFC 7644 §3.6); the resource also leaves every group it was in.
-    Returns the userName or displayName it had."""
+def delete_resource(store, resource_type, resource_id, base_url, if_match=None, token_name=None):
+    """DELETE (RFC 7644 §3.6); the resource also leaves every group it was
+    in. Its events: group.member_removed for each of those groups, then
+    user.deleted or group.deleted carrying the last representation (a
+    tombstone; a deleted group's own members make no events). Returns the
+    userName or displayName it had."""
     with store.write() as tx:
         row = _load(tx, resource_type, resource_id)
         _check_if_match(if_match, row)
-        tx.delete_resource(resource_type.table, resource_id)
+        events = ChangeEvents(tx, base_url, token_name, "delete")
+        for group in tx.delete_resource(resource_type.table, resource_id):
+            events.membership(group, removed=[(resource_id, resource_type.name)])
+        events.resource(resource_type.name.lower() + ".deleted", resource_type, row)
+        events.append()
     return row["user_name"] if resource_type is USER else row["display_name"]
 
 
@@ -3404,22 +3772,27 @@ def _render_page(tx, resource_type, rows, base_url, projection):
 
 # -- tokens --------------------------------------------------------------------
 
-def create_token(store, name, expires=None):
+def create_token(store, name, expires=None, scope="provision"):
     """A new bearer token named `name`, valid until `expires` (a UTC
     dateTime; None: until revoked). The token itself is returned once and
-    never stored."""
+    never stored. Its `scope` (TOKEN_SCOPES): "provision", for the
+    identity provider, writes under /scim and cannot read the feed; "read",
+    for the customer's software, reads /scim and the feed and writes
+    nothing."""
     if not name or not name.strip() or len(name) > MAX_TOKEN_NAME:
         raise ValueError("a token name must be 1 to %d characters" % MAX_TOKEN_NAME)
+    if scope not in TOKEN_SCOPES:
+        raise ValueError("a token's scope is one of %s" % ", ".join(TOKEN_SCOPES))
     token = generate_token()
     with store.write() as tx:
-        tx.insert_token(name.strip(), token_digest(token), utc_now(), token_hint(token), expires)
+        tx.insert_token(name.strip(), token_digest(token), utc_now(), token_hint(token), expires, scope)
     return token
 
 
 def rotate_token(store, name):
     """A new token beside the live token `name`, which stays valid until it
     is revoked, so Entra can be switched over without a failed cycle.
-    Returns (new name, token)."""
+    The new token has the old one's scope. Returns (new name, token)."""
     with store.read() as tx:
         taken = tx.token_names()
     if name not in taken:
@@ -3432,7 +3805,7 @@ def rotate_token(store, name):
         if new_name not in taken:
             break
         number += 1
-    return new_name, create_token(store, new_name)
+    return new_name, create_token(store, new_name, scope=taken[name])
 
 
 def list_tokens(store):
@@ -3459,6 +3832,140 @@ def revoke_token(store, name):
             raise ValueError("no active token named %r" % name)
 
 
+# -- the change feed -------------------------------------------------------------
+#
+# GET /events reads the events table in sequence order. A cursor names the
+# last event a consumer has seen: its sequence number and the start of its
+# random id. Sequence numbers alone would be handed out again after a
+# `restore` from an older backup (or from a replica that was behind), and a
+# consumer would silently skip the new events under numbers it has seen; an
+# id that no longer matches, or a number beyond the head, is answered 410
+# instead, as is a cursor whose event has been pruned (Kubernetes answers a
+# resourceVersion older than it keeps the same way).
+
+class FeedPage(typing.NamedTuple):
+    after: int         # the sequence number read after
+    events: list       # each event's JSON text, its cursor first
+    next_cursor: str   # the cursor to read after next
+    has_more: bool     # more events follow at once
+
+
+def event_cursor(seq, event_id):
+    """The cursor naming event `seq` whose id is `event_id`."""
+    return "%d.%s" % (seq, event_id.replace("-", "")[:12])
+
+
+def parse_cursor(text):
+    """(seq, id tag) of a cursor; "0" is before the first event. 400 if it is none of ours."""
+    match = re.fullmatch(r"(0)|([1-9][0-9]{0,17})\.([0-9a-f]{12})", text or "")
+    if match is None:
+        raise ScimError(400, "invalidValue", "%r is not a cursor of this feed: use next_cursor from an "
+                                             "answer, or GET /events/head" % (text or "")[:40])
+    return (0, None) if match.group(1) else (int(match.group(2)), match.group(3))
+
+
+def feed_gone(why):
+    """410 Gone for a cursor the feed cannot continue from."""
+    return ScimError(410, None, "%s. Start again: GET /events/head, list every user and group (GET /scim/Users "
+                                "and /scim/Groups, or `export`), then follow the feed from that head" % why)
+
+
+def _resolve_cursor(tx, cursor):
+    """The sequence number to read after, for a parsed cursor (None: from the oldest event kept)."""
+    oldest, newest = tx.event_bounds()
+    if cursor is None:
+        return oldest - 1 if oldest else newest
+    seq, tag = cursor
+    if seq == 0:
+        if oldest > 1:
+            raise feed_gone("The events after this cursor are older than the feed keeps (--events-days)")
+        return 0
+    if seq > newest:
+        raise feed_gone("This cursor is beyond the newest event: the database was restored from an older copy")
+    event_id = tx.event_id_at(seq)
+    if event_id is None:
+        raise feed_gone("This cursor's event is older than the feed keeps (--events-days)")
+    if event_cursor(seq, event_id) != "%d.%s" % (seq, tag):
+        raise feed_gone("This cursor names an event of another history: the database was restored from a copy")
+    return seq
+
+
+def read_events(store, cursor, limit):
+    """A FeedPage of up to `limit` events after `cursor` (parse_cursor's; None: from the oldest kept)."""
+    with store.read() as tx:
+        after = _resolve_cursor(tx, cursor)
+        rows = tx.events_after(after, limit + 1)
+    page = rows[:limit]
+    events = ['{"cursor":"%s",%s' % (event_cursor(seq, event_id), body[1:]) for seq, event_id, body in page]
+    if page:
+        next_cursor = event_cursor(page[-1][0], page[-1][1])
+    else:   # nothing after the cursor (or no event at all): it stays
+        next_cursor = "0" if cursor is None or cursor[0] == 0 else "%d.%s" % cursor
+    return FeedPage(after, events, next_cursor, len(rows) > limit)
+
+
+def follow_events(store, cursor, limit, wait):
+    """read_events; when there is nothing yet, wait up to `wait` seconds for
+    the next commit that appends events (a long-poll), then read again."""
+    page = read_events(store, cursor, limit)
+    if page.events or wait <= 0 or not store.event_head.wait_past(page.after, wait):
+        return page
+    return read_events(store, cursor, limit)
+
+
+def head_cursor(store, tx=None):
+    """The cursor of the newest event ("0" before the first), seen by `tx`
+    (a read snapshot) or now."""
+    tx = tx or store.read_once()
+    newest = tx.event_bounds()[1]
+    event_id = tx.event_id_at(newest) if newest else None
+    return event_cursor(newest, event_id) if event_id else "0"
+
+
+def feed_figures(store):
+    """The feed for /metrics and the overview: head and oldest sequence
+    numbers kept, the oldest event's time, events per second (last minute)."""
+    with store.read() as tx:
+        oldest, newest = tx.event_bounds()
+        oldest_time = tx.event_time_at(oldest) if oldest else None
+    return {"head": newest, "oldest": oldest, "oldest_time": oldest_time,
+            "per_second": store.event_head.per_second()}
+
+
+def prune_events(store, days, wait):
+    """Delete events older than `days`, EVENTS_PRUNE_BATCH per transaction so
+    that no write waits long behind the pruning. Returns how many went."""
+    before = (datetime.datetime.now(datetime.timezone.utc)
+              - datetime.timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%S")
+    removed = 0
+    while True:
+        with store.write(wait) as tx:
+            batch = tx.prune_events(before, EVENTS_PRUNE_BATCH)
+        removed += batch
+        if batch < EVENTS_PRUNE_BATCH:
+            return removed
+
+
+class EventRetention:
+    """Deletes the feed's events older than `days`, every
+    ACTIVITY_PRUNE_SECONDS: a beat of the activity log's thread."""
+
+    def __init__(self, store, days, clock=time.monotonic):
+        self.store = store
+        self.days = days
+        self.clock = clock
+        self._next = 0.0
+
+    def __call__(self):
+        if self.clock() < self._next:
+            return
+        self._next = self.clock() + ACTIVITY_PRUNE_SECONDS
+        try:
+            prune_events(self.store, self.days, ACTIVITY_WRITE_WAIT)
+        except StorageFault:
+            self._next = 0.0   # the storage monitor has said why; tried again at the next beat
+
+
 # -- backups and data out -------------------------------------------------------
 
 EXPORT_FORMATS = ("json", "ndjson", "csv")
@@ -3469,8 +3976,11 @@ def export_resources(store, resource_type, form, out, base_url):
     snapshot, a thousand at a time (memory does not grow with the
     directory): csv as the stable view's columns (scim_users, scim_groups),
     json (an array) and ndjson (one per line) as SCIM resources, users with
-    their groups, groups with their members."""
+    their groups, groups with their members. Returns the feed's cursor at
+    that snapshot: following the feed from it (GET /events?after=) misses
+    no change and repeats none the export holds."""
     with store.read() as tx:
+        cursor = head_cursor(store, tx)
         if form == "csv":
             names, batches = tx.view_rows("scim_users" if resource_type is USER else "scim_groups")
             text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
@@ -3479,7 +3989,7 @@ def export_resources(store, resource_type, form, out, base_url):
             for batch in batches:
                 writer.writerows(batch)
             text.detach()
-            return
+            return cursor
         opening, separator, closing = (b"[\n", b",\n", b"\n]\n") if form == "json" else (b"", b"\n", b"\n")
         out.write(opening)
         first = True
@@ -3495,6 +4005,7 @@ def export_resources(store, resource_type, form, out, base_url):
                     for piece in group_json_pieces(tx, row, base_url, Projection(GROUP))[1]:
                         out.write(piece)
         out.write(closing if not first or form == "json" else b"")
+    return cursor
 
 
 def backup_database(store, destination):
@@ -3546,6 +4057,7 @@ def restore_database(store, source):
     check_backup(source)
     store.restore_from(source)
     store.migrate()
+    store.refresh_event_head()
 
 
 def set_admin_password(store, password):
@@ -3798,6 +4310,11 @@ class TokenCheck:
 
     def __call__(self, presented):
         """The token's name, or None if `presented` is not a live token."""
+        found = self.check(presented)
+        return found and found[0]
+
+    def check(self, presented):
+        """(name, scope) of the token, or None if `presented` is not a live token."""
         cache = self._cache
         now = self.clock()
         generation = self.store.token_generation
@@ -3812,7 +4329,7 @@ class TokenCheck:
         found = match_token(presented, cache.tokens)
         if found is None:
             return None
-        name, digest, expires = found
+        name, digest, expires, scope = found
         if expires is not None and expires <= utc_now():
             return None
         if self.on_use is not None:
@@ -3823,7 +4340,7 @@ class TokenCheck:
                     self._touched[digest] = now
             if due:
                 self.on_use(digest)
-        return name
+        return name, scope
 
 
 # ============================================================================
@@ -3883,8 +4400,25 @@ def error_response(error):
 
 # What a request leaves in its environ for the activity log.
 TOKEN_NAME_KEY = "scim_appliance.token_name"
+TOKEN_SCOPE_KEY = "scim_appliance.token_scope"
 ACTIVITY_KEY = "scim_appliance.activity"   # {"id", "name", "summary"}
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+# The change feed, beside /scim on the SCIM listener (it is no SCIM resource).
+FEED_PATH = "/events"
+FEED_HEAD_PATH = "/events/head"
+FEED_PATHS = (FEED_PATH, FEED_HEAD_PATH)
+
+
+def is_feed_request(method, path):
+    """Whether a request reads the change feed: serve() runs it on a feed
+    thread, where a long-poll's wait holds up nothing else."""
+    return path.rstrip("/") == FEED_PATH
+
+
+def feed_response(body):
+    return Response(200, [("Content-Type", "application/json"), ("Cache-Control", "no-store")], body)
 
 
 def is_write_request(method, path):
@@ -4376,9 +4910,9 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
 
     def authenticate(environ):
         scheme, _, token = (request_header(environ, "Authorization") or "").partition(" ")
-        name = check_token(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
-        if name is not None:
-            environ[TOKEN_NAME_KEY] = name
+        found = check_token.check(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+        if found is not None:
+            environ[TOKEN_NAME_KEY], environ[TOKEN_SCOPE_KEY] = found
             return
         # Only the header authenticates: a token in the query string (RFC
         # 6750 §2.3) would end up in proxy logs, so it is never looked at.
@@ -4474,7 +5008,7 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
             projection = projection_of(resource_type, read_query(environ))
             streamed = streams_members(resource_type, projection)
             resource = create_resource(store, resource_type, content, base_url,
-                                       WITHOUT_MEMBERS if streamed else projection)
+                                       WITHOUT_MEMBERS if streamed else projection, environ[TOKEN_NAME_KEY])
             note_activity(environ, resource_type, resource, "created")
             location = resource_location(base_url, resource_type, resource["id"])
             if streamed:
@@ -4514,7 +5048,7 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
             streamed = streams_members(resource_type, projection)
             content = read_resource_body(resource_type, body(environ, resource_type), resource_id)
             resource = replace_resource(store, resource_type, resource_id, content, base_url, if_match(environ),
-                                        WITHOUT_MEMBERS if streamed else projection)
+                                        WITHOUT_MEMBERS if streamed else projection, environ[TOKEN_NAME_KEY])
             note_activity(environ, resource_type, resource, "replaced")
             if streamed:
                 return group_with_members(200, resource_id, projection)
@@ -4533,7 +5067,8 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
                 note_activity(environ, resource_type, None, summarize_patch(operations))
             resource = patch_resource(store, resource_type, resource_id, operations, base_url,
                                       if_match(environ),
-                                      projection_of(resource_type, params) if wants_body else None)
+                                      projection_of(resource_type, params) if wants_body else None,
+                                      environ[TOKEN_NAME_KEY])
             note_activity(environ, resource_type, resource)
             if resource is None:
                 return scim_response(204)
@@ -4542,7 +5077,8 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
         @scim_route(endpoint + "/*", "DELETE")
         def delete(environ, resource_id, resource_type=resource_type):
             note_activity(environ, resource_type, None, "delete")
-            name = delete_resource(store, resource_type, resource_id, if_match(environ))
+            name = delete_resource(store, resource_type, resource_id, base_url, if_match(environ),
+                                   environ[TOKEN_NAME_KEY])
             note_activity(environ, resource_type, None, "deleted")
             environ[ACTIVITY_KEY]["name"] = name
             return scim_response(204)
@@ -4581,7 +5117,36 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
         handler, authenticated = route
         if authenticated:
             authenticate(environ)
+            if environ[TOKEN_SCOPE_KEY] == "read" and is_write_request(method, environ.get("PATH_INFO", "")):
+                raise ScimError(403, None, "this token may only read (scope read): it cannot change users or "
+                                           "groups")
         return handler(environ, *wildcards)
+
+    def feed(environ, path):
+        """GET /events and /events/head: the change feed, for read tokens
+        only (an identity provider has no business reading it). A long-poll
+        runs on a feed thread of its own (RequestDispatcher), never on the
+        event loop."""
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            error = ScimError(405, None, "the change feed is read with GET")
+            error.allow = ["GET", "HEAD"]
+            raise error
+        authenticate(environ)
+        if environ[TOKEN_SCOPE_KEY] != "read":
+            raise ScimError(403, None, "the change feed is read with a read token (token create --scope read); "
+                                       "a provisioning token cannot read it")
+        if path == FEED_HEAD_PATH:
+            return feed_response(b'{"cursor":"%s"}' % head_cursor(store).encode())
+        params = read_query(environ)
+        cursor = parse_cursor(params["after"]) if "after" in params else None
+        limit = _integer_parameter(params.get("limit"), "limit", DEFAULT_EVENTS_PAGE)
+        wait = _integer_parameter(params.get("wait"), "wait", 0)
+        if not 1 <= limit <= MAX_EVENTS_PAGE or not 0 <= wait <= MAX_EVENTS_WAIT:
+            raise ScimError(400, "invalidValue", "limit is 1 to %d, wait 0 to %d seconds"
+                            % (MAX_EVENTS_PAGE, MAX_EVENTS_WAIT))
+        page = follow_events(store, cursor, limit, wait)
+        return feed_response(('{"events":[%s],"next_cursor":"%s","has_more":%s}' % (
+            ",".join(page.events), page.next_cursor, "true" if page.has_more else "false")).encode("utf-8"))
 
     def health(environ):
         """GET /healthz, for the proxy and monitoring: 200 "ok" when the
@@ -4610,10 +5175,16 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
         started = time.monotonic()
         error = None
         segments = None
+        label = "other"
         try:
             path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
-            segments = _scim_segments(path)
-            response = dispatch(environ, segments)
+            if path.rstrip("/") in FEED_PATHS:
+                label = path.rstrip("/")
+                response = feed(environ, label)
+            else:
+                segments = _scim_segments(path)
+                label = route_label(segments)
+                response = dispatch(environ, segments)
         except UnicodeError:
             error = ScimError(400, "invalidSyntax", "the path is not valid UTF-8")
         except ScimError as exc:
@@ -4632,7 +5203,7 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
             activity.record(response.status, activity_entry(environ, segments, response.status, error))
         seconds = time.monotonic() - started
         if metrics is not None:
-            metrics.record(environ.get("REQUEST_METHOD", ""), route_label(segments), response.status, seconds)
+            metrics.record(environ.get("REQUEST_METHOD", ""), label, response.status, seconds)
         if access_log is not None:
             access_log.record(environ, response.status, seconds)
         return response
@@ -4880,6 +5451,13 @@ started (in its console or log), and choose the password for this page.</p>
     <dt>Users</dt><dd id="users">{{active_users}} active, {{inactive_users}} inactive</dd>
     <dt>Groups</dt><dd id="groups">{{groups}}</dd>
     <dt>Free space</dt><dd id="free-space">{{storage['free_text']}} on the data volume</dd>
+    <dt>Change feed</dt>
+    % if feed['head']:
+    <dd id="feed">head at event {{feed['head']}}; oldest kept: {{feed['oldest']}},
+        <time>{{feed['oldest_time']}}</time></dd>
+    % else:
+    <dd id="feed">no change recorded yet</dd>
+    % end
   </dl>
   <h3>Latest errors</h3>
   % if recent_errors:
@@ -4915,18 +5493,22 @@ started (in its console or log), and choose the password for this page.</p>
     <label>Name <input name="name" maxlength="{{max_name}}" required placeholder="entra"></label>
     <label>Expires after <input type="number" name="expires_days" min="1" max="3650" placeholder="never">
       days</label>
+    <label>Scope <select name="scope">
+      <option value="provision" selected>provision: for Entra ID or Okta</option>
+      <option value="read">read: for your own software (users, groups and the change feed)</option>
+    </select></label>
     <button type="submit">Generate SCIM token</button>
   </form>
 </section>
 <section class="card">
   <h2>Tokens</h2>
   <table id="tokens">
-    <thead><tr><th>Name</th><th>Starts with</th><th>Created</th><th>Last used</th><th>Expires</th>
+    <thead><tr><th>Name</th><th>Starts with</th><th>Scope</th><th>Created</th><th>Last used</th><th>Expires</th>
       <th>Status</th><th></th></tr></thead>
     <tbody>
     % for token in tokens:
       <tr class="{{token['status']}}">
-        <td>{{token['name']}}</td><td><code>{{token['hint'] or '-'}}…</code></td>
+        <td>{{token['name']}}</td><td><code>{{token['hint'] or '-'}}…</code></td><td>{{token['scope']}}</td>
         <td><time>{{token['created']}}</time></td><td>{{token['last_used'] or 'never'}}</td>
         <td>{{token['expires'] or 'never'}}</td><td>{{token['status']}}</td>
         <td>
@@ -5044,6 +5626,17 @@ def prometheus_text(metrics, store, now=None, dropped=None):
               "# TYPE scim_log_lines_dropped_total counter"]
     for log, dropped in sorted((dropped or {}).items()):
         lines.append("scim_log_lines_dropped_total{log=%s} %d" % (_label(log), dropped))
+    feed = feed_figures(store)
+    lines += ["# HELP scim_events_head_sequence Sequence number of the newest event in the change feed.",
+              "# TYPE scim_events_head_sequence gauge",
+              "scim_events_head_sequence %d" % feed["head"],
+              "# HELP scim_events_oldest_sequence Sequence number of the oldest event the feed keeps "
+              "(0: none yet).",
+              "# TYPE scim_events_oldest_sequence gauge",
+              "scim_events_oldest_sequence %d" % feed["oldest"],
+              "# HELP scim_events_per_second Events appended per second, averaged over the last minute.",
+              "# TYPE scim_events_per_second gauge",
+              "scim_events_per_second %.3f" % feed["per_second"]]
     lines += ["# HELP scim_process_start_time_seconds When the server started (Unix time).",
               "# TYPE scim_process_start_time_seconds gauge",
               "scim_process_start_time_seconds %.3f" % metrics.started]
@@ -5188,7 +5781,7 @@ def make_admin_app(store, settings, activity, setup_code=None, metrics=None, acc
         activity.flush(wait=ADMIN_FLUSH_WAIT)
         status = provisioning_status(store)
         status["storage"] = _storage_view(status["storage"])
-        return render("overview", "Overview", session, tenant_url=tenant_url, **status)
+        return render("overview", "Overview", session, tenant_url=tenant_url, feed=feed_figures(store), **status)
 
     def tokens_page(session, http_status=200, message=None, kind="info", **shown):
         values = dict(new_token=None, new_token_name=None, rotated_from=None)
@@ -5226,7 +5819,8 @@ def make_admin_app(store, settings, activity, setup_code=None, metrics=None, acc
                     raise ValueError("the expiry must be a whole number of days from 1 to 3650")
                 expires = (datetime.datetime.now(datetime.timezone.utc)
                            + datetime.timedelta(days=int(days))).strftime("%Y-%m-%dT%H:%M:%SZ")
-            return dict(http_status=201, new_token=create_token(store, name, expires), new_token_name=name)
+            scope = form.getunicode("scope") or "provision"
+            return dict(http_status=201, new_token=create_token(store, name, expires, scope), new_token_name=name)
         return token_form(action)
 
     @app.post("/tokens/rotate")
@@ -5334,6 +5928,9 @@ SETTINGS_TABLE = (
     ("min_free_mb", "--min-free-mb", "SCIM_APPLIANCE_MIN_FREE_MB", int,
      "below this many megabytes free on the database's volume, writes are refused with 503 and "
      "/healthz says full; 0: no floor"),
+    ("events_days", "--events-days", "SCIM_APPLIANCE_EVENTS_DAYS", int,
+     "days the change feed (GET /events, the scim_events view) keeps events; a consumer whose cursor "
+     "is older gets 410 and starts again from a fresh listing"),
 )
 
 
@@ -5375,6 +5972,9 @@ def build_parser():
     token_commands = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     create = token_commands.add_parser("create", help="make a token; prints it once on stdout")
     create.add_argument("--name", required=True, help="what the token is for, e.g. entra")
+    create.add_argument("--scope", choices=TOKEN_SCOPES, default="provision",
+                        help="provision (default): for the identity provider, writes users and groups; read: "
+                             "for your own software, reads them and the change feed (GET /events), writes nothing")
     listing = token_commands.add_parser("list", help="show tokens (never the tokens themselves)")
     revoke = token_commands.add_parser("revoke", help="revoke a token by name")
     revoke.add_argument("name")
@@ -5487,11 +6087,18 @@ class RequestDispatcher:
     temporary file.
     """
 
-    def __init__(self, threads=0, writers=0, is_write=None):
+    def __init__(self, threads=0, writers=0, is_write=None, is_feed=None):
         import waitress.task
         self.queue = collections.deque()   # what the loop runs
         self.is_write = is_write
-        self.readers = self.writers = None
+        self.is_feed = is_feed
+        self.readers = self.writers = self.feed = None
+        if is_feed is not None:
+            # Long-polls of the change feed wait up to MAX_EVENTS_WAIT seconds
+            # each, asleep on a condition variable: a lane of their own that
+            # grows to the number waiting at once, up to MAX_WAITING_POLLS.
+            self.feed = waitress.task.ThreadedTaskDispatcher()
+            self.feed.queue_logger = _SILENT_LOG
         if threads:
             self.readers = waitress.task.ThreadedTaskDispatcher()
             self.readers.set_thread_count(threads)
@@ -5509,10 +6116,22 @@ class RequestDispatcher:
         request = channel.requests[0]   # the one channel.service() runs next
         if self.writers is not None and not request.error and self.is_write(request.command, request.path):
             self.writers.add_task(channel)
+        elif self.feed is not None and not request.error and self.is_feed(request.command, request.path):
+            self._add_feed_task(channel)
         elif self.readers is not None:
             self.readers.add_task(channel)
         else:
             self.queue.append(channel)
+
+    def _add_feed_task(self, channel):
+        """Queue a feed request, first adding a thread when every one is busy."""
+        lane = self.feed
+        with lane.lock:
+            running = len(lane.threads) - lane.stop_count
+            busy = lane.active_count + len(lane.queue)
+        if busy >= running and running < MAX_WAITING_POLLS:
+            lane.set_thread_count(running + 1)
+        lane.add_task(channel)
 
     def run_pending(self):
         """Service every request queued for the loop; True if there were any."""
@@ -5527,25 +6146,27 @@ class RequestDispatcher:
 
     def shutdown(self, cancel_pending=True, timeout=5):
         self.queue.clear()   # called after _drain, which ran everything received
-        for lane in (self.readers, self.writers):
-            if lane is not None:
-                lane.shutdown(cancel_pending, timeout)
+        for lane in self._lanes():
+            lane.shutdown(cancel_pending, timeout)
         return True
+
+    def _lanes(self):
+        return [lane for lane in (self.readers, self.writers, self.feed) if lane is not None]
 
     @property
     def threads(self):
         """The lanes' worker threads still running (waitress's own dispatcher has the same set)."""
-        return set().union(*(lane.threads for lane in (self.readers, self.writers) if lane is not None))
+        return set().union(*(lane.threads for lane in self._lanes()))
 
 
-def create_waitress_server(app, threads, writers=0, is_write=None, **options):
+def create_waitress_server(app, threads, writers=0, is_write=None, is_feed=None, **options):
     """A waitress server for `app` and the function the event loop calls
     after each pass: with `threads` 0 reads run on the loop's thread, else
     on that many worker threads; with `writers`, what `is_write` picks runs
-    on that many threads of its own (RequestDispatcher). Returns (server,
-    run_pending)."""
+    on that many threads of its own, and what `is_feed` picks on threads of
+    its own (RequestDispatcher). Returns (server, run_pending)."""
     import waitress.server
-    dispatcher = RequestDispatcher(threads, writers, is_write)
+    dispatcher = RequestDispatcher(threads, writers, is_write, is_feed)
     if threads == 0:
         options.update(outbuf_high_watermark=2 ** 62)   # a task on the loop's thread never waits for the loop
     server = waitress.server.create_server(app, threads=max(1, threads), _dispatcher=dispatcher, **options)
@@ -5634,7 +6255,7 @@ def serve(settings, out=sys.stdout):
     access_log = AccessLog(settings.log_format, log_stream)
     metrics = RequestMetrics()
     activity = ActivityLog(store, settings.activity_days, settings.activity_max_rows,
-                           beat=[access_log.flush, store.probe])
+                           beat=[access_log.flush, store.probe, EventRetention(store, settings.events_days)])
     setup_code = None if has_admin_password(store) else generate_setup_code()
     app = make_scim_app(store, settings, activity, metrics, access_log)
     admin_app = make_admin_app(store, settings, activity, setup_code, metrics, access_log)
@@ -5649,6 +6270,7 @@ def serve(settings, out=sys.stdout):
         listening = (settings.host, settings.port)
         server, run_pending = create_waitress_server(
             app, settings.threads, writers=settings.threads or LOOP_WRITER_THREADS, is_write=is_write_request,
+            is_feed=is_feed_request,
             host=settings.host, port=settings.port,
             ident="scim-appliance", clear_untrusted_proxy_headers=True,
             # Our own limit answers with a SCIM 413; waitress's is a backstop.
@@ -5701,6 +6323,7 @@ def serve(settings, out=sys.stdout):
         _take_in_arrived(server._map)
         for opened in servers:
             _stop_listening(opened)
+        store.event_head.release()   # waiting long-polls answer now
         finished = _drain(server._map, run_pending, time.monotonic() + SHUTDOWN_GRACE_SECONDS)
         for opened in servers:
             _shut_down(opened)
@@ -5972,23 +6595,27 @@ def main(argv=None):
                 base_url = Settings(public_url=args.public_url).base_url
                 if args.output:
                     with open(args.output, "wb") as out:
-                        export_resources(store, RESOURCE_TYPES[args.what[:-1].capitalize()], args.format, out,
-                                         base_url)
+                        cursor = export_resources(store, RESOURCE_TYPES[args.what[:-1].capitalize()], args.format,
+                                                  out, base_url)
                 else:
-                    export_resources(store, RESOURCE_TYPES[args.what[:-1].capitalize()], args.format,
-                                     sys.stdout.buffer, base_url)
+                    cursor = export_resources(store, RESOURCE_TYPES[args.what[:-1].capitalize()], args.format,
+                                              sys.stdout.buffer, base_url)
                     sys.stdout.buffer.flush()
+                # On stderr, so the export itself stays plain JSON, NDJSON or CSV.
+                print("cursor: %s (follow the changes since this export with GET /events?after=%s)"
+                      % (cursor, cursor), file=sys.stderr)
             elif args.command == "admin":
                 set_admin_password(store, read_new_password())
                 print("admin password set", file=sys.stderr)
             elif args.token_command == "create":
-                print(create_token(store, args.name))
+                print(create_token(store, args.name, scope=args.scope))
             elif args.token_command == "list":
-                print("%-24s %-14s %-26s %-26s %s" % ("NAME", "STARTS", "CREATED", "LAST USED", "STATUS"))
+                print("%-24s %-14s %-26s %-26s %-10s %s" % ("NAME", "STARTS", "CREATED", "LAST USED", "SCOPE",
+                                                           "STATUS"))
                 for token in list_tokens(store):
-                    print("%-24s %-14s %-26s %-26s %s" % (
+                    print("%-24s %-14s %-26s %-26s %-10s %s" % (
                         token["name"], token["hint"] or "-", token["created"], token["last_used"] or "never",
-                        token["status"] + {"revoked": " " + str(token["revoked"]),
+                        token["scope"], token["status"] + {"revoked": " " + str(token["revoked"]),
                                            "expired": " " + str(token["expires"])}.get(token["status"], "")))
             elif args.token_command == "revoke":
                 revoke_token(store, args.name)

@@ -36,6 +36,8 @@ SCIM_USERS_COLUMNS = ["id", "user_name", "external_id", "display_name", "given_n
                       "active", "employee_number", "department", "manager_id", "created", "last_modified"]
 SCIM_GROUPS_COLUMNS = ["id", "display_name", "external_id", "created", "last_modified"]
 SCIM_GROUP_MEMBERS_COLUMNS = ["group_id", "member_id", "member_type"]
+SCIM_EVENTS_COLUMNS = ["seq", "event_id", "time", "type", "event_uri", "resource_type", "resource_id",
+                       "external_id", "version", "txn", "token_name", "event"]
 
 # The rows the views give for the schema-v1 fixture once it is migrated.
 V1_USER_ROWS = [
@@ -164,11 +166,12 @@ def test_a_schema_v1_database_is_carried_forward_with_its_data_and_token(tmp_pat
             assert conn.execute("SELECT * FROM scim_users ORDER BY user_name").fetchall() == V1_USER_ROWS
             assert conn.execute("SELECT * FROM scim_groups").fetchall() == V1_GROUP_ROWS
             assert conn.execute("SELECT * FROM scim_group_members ORDER BY member_id").fetchall() == V1_MEMBER_ROWS
-            # The tokens table gained version 2's columns; the old token has no hint.
+            # The tokens table gained version 2's columns and version 4's scope; the
+            # old token has no hint and keeps provisioning.
             assert [r[1] for r in conn.execute("PRAGMA table_info(tokens)")] == [
-                "name", "digest", "created", "last_used", "revoked", "hint", "expires"]
-            assert conn.execute("SELECT name, hint, expires, revoked FROM tokens").fetchall() == [
-                ("entra", None, None, None)]
+                "name", "digest", "created", "last_used", "revoked", "hint", "expires", "scope"]
+            assert conn.execute("SELECT name, hint, expires, revoked, scope FROM tokens").fetchall() == [
+                ("entra", None, None, None, "provision")]
         finally:
             conn.close()
 
@@ -218,8 +221,9 @@ def test_the_views_have_exactly_the_documented_columns(settings, store):
         assert view_columns(conn, "scim_users") == SCIM_USERS_COLUMNS
         assert view_columns(conn, "scim_groups") == SCIM_GROUPS_COLUMNS
         assert view_columns(conn, "scim_group_members") == SCIM_GROUP_MEMBERS_COLUMNS
+        assert view_columns(conn, "scim_events") == SCIM_EVENTS_COLUMNS
         assert {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'view'")} == {
-            "scim_users", "scim_groups", "scim_group_members"}
+            "scim_users", "scim_groups", "scim_group_members", "scim_events"}
     finally:
         conn.close()
 

@@ -294,7 +294,7 @@ def test_put_with_invalid_member_is_400_and_changes_nothing(client, db, users, m
 def test_put_with_stale_if_match_is_412_and_changes_nothing(client, db, users):
     """RFC 7644 §3.14: If-Match with an old version → 412."""
     group = client.create_group("Versioned", members=[{"value": users[0]["id"]}])
-    client.put("/Groups/" + group["id"], {"displayName": "Versioned", "members": [{"value": users[0]["id"]}]})
+    client.put("/Groups/" + group["id"], {"displayName": "Versioned 2", "members": [{"value": users[0]["id"]}]})
     before = snapshot(db, group["id"])
     response = client.put("/Groups/" + group["id"], {"displayName": "Stale"},
                           headers={"If-Match": 'W/"1"'}, status=412)

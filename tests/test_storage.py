@@ -124,3 +124,10 @@ class _Recording:
     def execute(self, sql, *args):
         self._statements.append(sql)
         return self._conn.execute(sql, *args)
+
+    def executemany(self, sql, *args):
+        self._statements.append(sql)
+        return self._conn.executemany(sql, *args)
+
+    def __getattr__(self, name):   # in_transaction, total_changes, ...
+        return getattr(self._conn, name)
