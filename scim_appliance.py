@@ -6421,6 +6421,17 @@ server {{
     location = /healthz {{
         proxy_pass http://{host}:{port};
     }}
+    # The change feed, for your own software (read tokens only). Publish it
+    # by uncommenting, if that software reaches the appliance through nginx;
+    # long-polls wait up to 30 s.
+    # location /events {{
+    #     proxy_pass http://{host}:{port};
+    #     proxy_http_version 1.1;
+    #     proxy_set_header Connection "";
+    #     proxy_set_header X-Forwarded-For $remote_addr;
+    #     proxy_buffering off;
+    #     proxy_read_timeout 60s;
+    # }}
     location / {{
         return 404;
     }}
@@ -6448,6 +6459,11 @@ CADDY_TEMPLATE = """\
     handle /healthz {{
         reverse_proxy {host}:{port}
     }}
+    # The change feed, for your own software (read tokens only): uncomment
+    # to publish it.
+    # handle /events* {{
+    #     reverse_proxy {host}:{port}
+    # }}
     handle {{
         respond 404
     }}
