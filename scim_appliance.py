@@ -101,6 +101,10 @@ DEFAULT_EVENTS_PAGE = 100          # events per /events answer when `limit` is a
 MAX_EVENTS_PAGE = 1000             # ... and at most
 MAX_EVENTS_WAIT = 30               # seconds a long-poll of /events may wait for a new event
 MAX_WAITING_POLLS = 256            # long-polls waiting at once, each on a feed thread; more queue
+# Connections the SCIM listener keeps open (waitress's default is 100, and
+# beyond it accepts no more): Entra's and Okta's, plus every waiting long-poll.
+CONNECTION_LIMIT = 100 + MAX_WAITING_POLLS
+FEED_CACHE_KB = 256                # a feed thread's SQLite page cache (each thread has a connection)
 EVENTS_PRUNE_BATCH = 1000          # expired events are deleted this many per transaction
 TOKEN_SCOPES = ("provision", "read")   # provision: the identity provider; read: the customer's software
 
@@ -764,9 +768,18 @@ class Store:
             conn.create_function("scim_fold", 1, _sql_fold, deterministic=True)
             self._local.conn = conn
             self._local.busy_ms = int(self.lock_timeout * 1000)
+            self._local.small_cache = False
             with self._lock:
                 self._connections.append(conn)
         return conn
+
+    def use_small_cache(self):
+        """This thread reads seldom and little (a feed thread: there may be
+        MAX_WAITING_POLLS of them): its connection keeps a page cache of
+        FEED_CACHE_KB, not SQLite's 2 MB, which 200 threads would make 400 MB."""
+        if not getattr(self._local, "small_cache", False):
+            self._connection().execute("PRAGMA cache_size=-%d" % FEED_CACHE_KB)
+            self._local.small_cache = True
 
     def _discard(self, conn):
         """Close `conn` and forget it: this thread's next call opens a new one."""
@@ -5131,6 +5144,7 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
             error = ScimError(405, None, "the change feed is read with GET")
             error.allow = ["GET", "HEAD"]
             raise error
+        store.use_small_cache()
         authenticate(environ)
         if environ[TOKEN_SCOPE_KEY] != "read":
             raise ScimError(403, None, "the change feed is read with a read token (token create --scope read); "
@@ -6271,7 +6285,7 @@ def serve(settings, out=sys.stdout):
         server, run_pending = create_waitress_server(
             app, settings.threads, writers=settings.threads or LOOP_WRITER_THREADS, is_write=is_write_request,
             is_feed=is_feed_request,
-            host=settings.host, port=settings.port,
+            host=settings.host, port=settings.port, connection_limit=CONNECTION_LIMIT,
             ident="scim-appliance", clear_untrusted_proxy_headers=True,
             # Our own limit answers with a SCIM 413; waitress's is a backstop.
             max_request_body_size=max(settings.max_body_bytes, MAX_GROUP_BODY_BYTES) * 2,

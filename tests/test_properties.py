@@ -14,6 +14,11 @@
 3. A RuleBasedStateMachine drives users, groups and memberships through the
    API next to an in-memory model; after every step the API and the members
    table agree with the model.
+4. The same machine reads the change feed (GET /events) after every step:
+   the whole feed, replayed from cursor "0" into an empty model, gives
+   exactly the database's users, groups and memberships, and each
+   resource's last event carries its stored version; the step's own events
+   are one request's (one txn) and follow on from the previous cursor.
 
 Examples are derandomized (a fixed sequence per test) so CI never turns red
 by chance; hypothesis' example database is off so nothing is written to the
@@ -912,6 +917,146 @@ def user_body(name, display, active):
         body["active"] = active
     return label, body
 
+
+# ---------------------------------------------------------------------------
+# the change feed, replayed (item 4)
+# ---------------------------------------------------------------------------
+
+EVENT_KINDS = {   # event type -> (resource type, the event URIs it may carry, after the prefix)
+    "user.created": ("User", {"create:full"}), "group.created": ("Group", {"create:full"}),
+    "user.updated": ("User", {"patch:full", "put:full"}), "group.updated": ("Group", {"patch:full", "put:full"}),
+    "user.deactivated": ("User", {"deactivate"}), "user.reactivated": ("User", {"activate"}),
+    "user.deleted": ("User", {"delete"}), "group.deleted": ("Group", {"delete"}),
+    "group.member_added": ("Group", {"create:full", "patch:full", "put:full"}),
+    "group.member_removed": ("Group", {"create:full", "patch:full", "put:full"}),
+}
+EVENT_URI_PREFIX = "urn:ietf:params:scim:event:prov:"
+
+
+def without(representation, *keys):
+    return {key: value for key, value in representation.items() if key not in keys}
+
+
+def is_active(representation):
+    """A user without `active` is active (README: the scim_users view)."""
+    return representation.get("active") is not False
+
+
+def top_level(path):
+    """The attribute an event's `attributes` path belongs to: name.givenName -> name."""
+    return path.rsplit(":", 1)[0] if path.lower().startswith("urn:") else path.split(".")[0]
+
+
+class FeedReplay:
+    """An empty model that events are applied to, strictly: every event must
+    be a real change of the state the events before it built (no create of
+    an id that exists, no member added twice, no update of a deleted
+    resource), so that a missing, repeated or spurious event fails here."""
+
+    def __init__(self):
+        self.users = {}          # id -> representation
+        self.groups = {}         # id -> representation (meta as of its last user/group event)
+        self.memberships = {}    # (group id, member id) -> member type
+        self.versions = {}       # resource id -> (version of its last event, that event's txn)
+        self.deleted = set()
+        self._txn_start = {}     # (txn, resource id) -> the representation before that txn
+
+    def apply(self, event):
+        kind = event["type"]
+        assert kind in EVENT_KINDS, event
+        resource_type, uris = EVENT_KINDS[kind]
+        resource = event["resource"]
+        resource_id, version, txn = resource["id"], resource["version"], event["txn"]
+        assert resource["type"] == resource_type, event
+        assert event["event_uri"][len(EVENT_URI_PREFIX):] in uris and event["event_uri"].startswith(
+            EVENT_URI_PREFIX), event
+        assert event["token_name"] == "entra", event
+        assert resource_id not in self.deleted, ("an event after the resource's delete", event)
+        assert resource["location"].endswith("/%ss/%s" % (resource_type, resource_id)), event
+        # Versions: one per request, and every other request that makes an
+        # event moves it on; a delete carries the last one (README).
+        number = int(version[3:-1])
+        assert version == 'W/"%d"' % number, event
+        if resource_id in self.versions:
+            last, last_txn = self.versions[resource_id]
+            same = txn == last_txn or kind.endswith(".deleted")
+            assert number == last if same else number > last, (last, last_txn, event)
+        self.versions[resource_id] = (number, txn)
+        store = self.users if resource_type == "User" else self.groups
+        data = event["data"]
+        if kind.startswith("group.member_"):
+            self._membership(kind, event, data, resource_id)
+            return
+        assert data["id"] == resource_id and data["meta"]["version"] == version, event
+        assert data["meta"]["resourceType"] == resource_type, event
+        assert "groups" not in data and "members" not in data, ("a representation with memberships", event)
+        if kind.endswith(".created"):
+            assert resource_id not in self.users and resource_id not in self.groups, event
+            assert "attributes" not in event, event
+            store[resource_id] = data
+            return
+        assert resource_id in store, ("an event for a resource never created", event)
+        before = self._txn_start.setdefault((txn, resource_id), store[resource_id])
+        if kind.endswith(".deleted"):
+            # The tombstone is the last representation (a group's meta moves on with member events).
+            assert without(data, "meta") == without(store[resource_id], "meta"), (store[resource_id], event)
+            if resource_type == "User":
+                assert data == store[resource_id], (store[resource_id], event)
+            left = [pair for pair in self.memberships if resource_id in pair
+                    and (resource_type == "User" or pair[1] == resource_id)]
+            assert not left, ("deleted, but no group.member_removed for", left, event)
+            # A deleted group's own members go with it, without events (README).
+            for pair in [pair for pair in self.memberships if pair[0] == resource_id]:
+                del self.memberships[pair]
+            del store[resource_id]
+            self.deleted.add(resource_id)
+            return
+        attributes = event.get("attributes")
+        assert isinstance(attributes, list) and attributes, event
+        changed = {key for key in set(before) | set(data)
+                   if key != "meta" and before.get(key) != data.get(key)}
+        flipped = resource_type == "User" and is_active(before) != is_active(data)
+        if kind.endswith(".updated"):
+            named = {top_level(path) for path in attributes}
+            assert named == (changed - {"active"} if flipped else changed) and named, (before, event)
+        else:   # user.deactivated / user.reactivated
+            assert attributes == ["active"] and flipped, (before, event)
+            assert is_active(data) == (kind == "user.reactivated"), event
+        store[resource_id] = data
+
+    def _membership(self, kind, event, data, group_id):
+        assert set(data) == {"group", "member"}, event
+        assert data["group"] == {"value": group_id, "display": self.groups[group_id]["displayName"]}, event
+        member_id, member_type = data["member"]["value"], data["member"]["type"]
+        assert set(data["member"]) == {"value", "type"}, event
+        assert member_id in (self.users if member_type == "User" else self.groups), ("an unknown member", event)
+        pair = (group_id, member_id)
+        if kind == "group.member_added":
+            assert pair not in self.memberships, ("added twice", event)
+            self.memberships[pair] = member_type
+        else:
+            assert self.memberships.get(pair) == member_type, ("removed, but not a member", event)
+            del self.memberships[pair]
+
+
+def read_feed(app, token, cursor="0", limit=1000):
+    """Every event after `cursor` through webtest, page by page: (events, next cursor)."""
+    events = []
+    while True:
+        response = app.get("/events?after=%s&limit=%d" % (cursor, limit),
+                           headers={"Authorization": "Bearer " + token})
+        page = response.json
+        assert len(page["events"]) <= limit, page
+        events += page["events"]
+        if page["events"]:
+            assert page["next_cursor"] == page["events"][-1]["cursor"], page
+        else:
+            assert page["next_cursor"] == cursor and not page["has_more"], page
+        cursor = page["next_cursor"]
+        if not page["has_more"]:
+            return events, cursor
+
+
 class ApiMachine(RuleBasedStateMachine):
     """Users, groups and memberships through webtest, next to plain dicts."""
 
@@ -930,6 +1075,10 @@ class ApiMachine(RuleBasedStateMachine):
         self.model_groups = {}   # id -> {"class", "displayName", "members": set of ids}
         self.created = []        # every id this run created, in order
         self.gone = {}           # deleted id -> its endpoint
+        self.read_token = scim_appliance.create_token(self.store, "app", scope="read")
+        self.feed_seen = []      # every event the feed has shown, in order
+        self.feed_txns = set()   # the txn of every request that made events
+        self.feed_checked = False
 
     def teardown(self):
         self.store.close()
@@ -1143,6 +1292,54 @@ class ApiMachine(RuleBasedStateMachine):
             assert member_id in (users if member_type == "User" else groups), (member_id, member_type)
         assert {(g, m) for g, m, _ in rows} == {
             (gid, member) for gid, group in self.model_groups.items() for member in group["members"]}
+
+    @invariant()
+    def feed_replays_to_database(self):
+        """Item 4: the step's events follow on from the last cursor and are one
+        request's; the whole feed from "0", replayed into an empty model, is
+        the database: users and groups as GET shows them (without groups and
+        members), the members table, and each resource's stored version in
+        its last event."""
+        app, token = self.client.app, self.read_token
+        last_cursor = self.feed_seen[-1]["cursor"] if self.feed_seen else "0"
+        new, _ = read_feed(app, token, last_cursor)
+        txns = {event["txn"] for event in new}
+        # One step is one request (the first check follows both initialize rules).
+        assert len(txns) <= (1 if self.feed_checked else 2), ("one request, one txn", new)
+        assert not txns & self.feed_txns, ("a txn seen in an earlier request", new)
+        self.feed_txns |= txns
+        self.feed_checked = True
+        whole, cursor = read_feed(app, token, "0", limit=50)
+        assert whole == self.feed_seen + new, "the feed changed what it had shown, or skipped"
+        self.feed_seen = whole
+        head = app.get("/events/head", headers={"Authorization": "Bearer " + token}).json
+        assert head == {"cursor": cursor}
+        replay = FeedReplay()
+        for number, event in enumerate(whole, 1):
+            assert event["cursor"] == "%d.%s" % (number, event["id"].replace("-", "")[:12]), event
+            replay.apply(event)
+
+        users = {u["id"]: u for u in self.client.get("/Users?count=1000").json["Resources"]}
+        assert {uid: without(user, "groups") for uid, user in users.items()} == replay.users
+        groups = {g["id"]: g for g in self.client.get(
+            "/Groups?count=1000&excludedAttributes=members").json["Resources"]}
+        assert {gid: without(group, "meta") for gid, group in groups.items()} == {
+            gid: without(group, "meta") for gid, group in replay.groups.items()}
+        with self.store.read() as tx:
+            rows = {table: {r[0]: (r[1], r[2]) for r in tx.conn.execute(
+                "SELECT id, version, %s FROM %s" % (column, table))}
+                for table, column in (("users", "user_name"), ("groups", "display_name"))}
+            members = {(r[0], r[1]): r[2] for r in tx.conn.execute(
+                "SELECT group_id, member_id, member_type FROM members")}
+        assert {uid: (replay.versions[uid][0], user["userName"]) for uid, user in replay.users.items()} \
+            == rows["users"]
+        assert {gid: (replay.versions[gid][0], group["displayName"]) for gid, group in replay.groups.items()} \
+            == rows["groups"]
+        for resource_id, resource in list(users.items()) + list(groups.items()):
+            assert resource["meta"]["version"] == 'W/"%d"' % replay.versions[resource_id][0], resource
+        assert members == replay.memberships
+        assert set(members) == {(gid, member) for gid, group in self.model_groups.items()
+                                for member in group["members"]}
 
 
 TestApiMatchesModel = ApiMachine.TestCase

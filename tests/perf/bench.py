@@ -28,8 +28,20 @@ shows how close to the reference any SCIM server can get here. Then, in order:
                   time (one connection); single-member removal; group reads with
                   and without members; Entra's displayName query;
   5. resources    the server's peak RSS, CPU ms per request of each phase;
-  6. start-up     time until a restarted server answers on the full database;
-  7. disk         database size per user after a clean stop.
+  6. feed         the change feed (issue 17): reading it in pages of 1,000
+                  (events/s); how long after a write's commit a waiting
+                  long-poll answers (p50/p99 over LONGPOLL_TRIALS writes);
+                  lookups while 200 long-polls wait, alternating with
+                  lookups without them (the ratio);
+  7. big writes   PATCH adding then removing 1,000 members of a group; the
+                  DELETE of the big group;
+  8. start-up     time until a restarted server answers on the full database;
+  9. disk         database size per user after a clean stop.
+
+`--appliance PATH` measures another scim_appliance.py (an earlier version,
+checked out elsewhere) with this same script, so that two versions are
+compared on the same machine in the same hour; phases the other version
+cannot run (the feed, before it existed) are left out.
 
 The load client is `wrk` when it is on PATH (a Python client costs as much CPU
 as the server on a small machine), else a Python client of C threads with
@@ -78,6 +90,10 @@ URN_LIST = "urn:ietf:params:scim:api:messages:2.0:ListResponse"
 SCIM_JSON = "application/scim+json; charset=utf-8"   # what Entra sends
 
 ROUNDS = 4                   # a throughput phase alternates this many times with the reference app
+FEED_PAGES = 200             # pages of 1,000 events read at most in the feed's read phase
+LONGPOLL_TRIALS = 100        # writes each awaited by a long-poll
+WAITING_POLLS = 200          # long-polls kept waiting during the lookups beside them
+BIG_PATCH = 1000             # members in the big PATCH
 QUICK_ROUNDS = 2             # ... and with --quick, which is a smoke check
 BATCH = 100                  # members per group PATCH Add, as Entra's initial cycle
 REMOVALS = 20                # single-member removals timed at full size
@@ -132,6 +148,10 @@ TARGETS = {
     # Okta closes the socket after 60 s without an answer (its SCIM FAQ).
     "okta_push_ms": ("<=", 60000, "< 60 s (Okta)"),
     "okta_repush_ms": ("<=", 60000, "< 60 s (Okta)"),
+    # Issue 17, the change feed.
+    "feed_read_events_per_s": (">=", 20000),
+    "longpoll_after_send_p99_ms": ("<=", 100),
+    "polls_lookup_ratio": (">=", 0.9, ">= 0.9 (not slowed)"),
 }
 
 
@@ -786,6 +806,8 @@ class Bench:
         self.reference_figures()
         big, members = self.groups(users)
         self.okta_push(big, members)
+        self.feed(users)
+        self.big_writes(big, members)
         self.restart()
         self.disk(len(users))
         f["bench_s"] = time.monotonic() - START
@@ -1082,6 +1104,113 @@ class Bench:
         log("okta: whole push %.0f ms, again with one change %.0f ms, rename %.1f ms"
             % (f["okta_push_ms"], f["okta_repush_ms"], f["okta_rename_ms"]))
 
+    def read_token(self):
+        """A read token for the feed, or None when the appliance has no such
+        thing (an earlier version, with --appliance)."""
+        result = subprocess.run([sys.executable, APPLIANCE, "token", "create", "--name", "bench-feed",
+                                 "--scope", "read", "--db", self.db], capture_output=True, text=True, timeout=60)
+        return result.stdout.strip().splitlines()[-1] if result.returncode == 0 and result.stdout.strip() else None
+
+    def feed(self, users):
+        """The change feed: reading throughput, long-poll answers after a
+        commit, and lookups while WAITING_POLLS long-polls wait."""
+        f = self.figures
+        token = self.read_token()
+        if token is None:
+            log("feed: this appliance has no change feed; left out")
+            return
+        conn = Connection(self.appliance.port, token)
+        log("feed: read up to %d pages of 1,000 events" % FEED_PAGES)
+        cursor, events, pages = "0", 0, 0
+        cpu = CpuMeter(self.appliance)
+        t0 = time.perf_counter()
+        while pages < FEED_PAGES:
+            page, _ = conn.json("GET", "/events?limit=1000&after=" + cursor)
+            events, pages, cursor = events + len(page["events"]), pages + 1, page["next_cursor"]
+            if not page["has_more"]:
+                break
+        elapsed = time.perf_counter() - t0
+        f["feed_read_cpu_ms_per_page"] = cpu.per_request(pages)
+        f["feed_read_events"], f["feed_read_events_per_s"] = events, events / elapsed
+        self.longpolls(conn, users)
+        self.lookups_beside_polls(token, users)
+        conn.close()
+        log("feed: %.0f events/s read; long-poll answered %.1f ms (p99) after the write was sent; "
+            "lookups beside %d waiting polls at %.2f of those without"
+            % (f["feed_read_events_per_s"], f["longpoll_after_send_p99_ms"], WAITING_POLLS,
+               f["polls_lookup_ratio"]))
+
+    def longpolls(self, conn, users):
+        """Each of LONGPOLL_TRIALS writes awaited by a long-poll parked
+        before it is sent: how long after the write was sent, and after its
+        answer came back, the poll's answer came (the commit lies between)."""
+        f = self.figures
+        writer = Connection(self.appliance.port, self.token)
+        cursor = conn.json("GET", "/events/head")[0]["cursor"]
+        after_send, after_ack = [], []
+        for seq in range(LONGPOLL_TRIALS):
+            answer = {}
+
+            def poll(after=cursor):
+                answer["page"], _ = conn.json("GET", "/events?wait=30&after=" + after)
+                answer["at"] = time.perf_counter()
+            waiting = threading.Thread(target=poll)
+            waiting.start()
+            time.sleep(0.05)   # the poll is parked on a feed thread by now
+            sent = time.perf_counter()
+            writer.json("PATCH", "/scim/Users/" + users[seq % len(users)][0], patch_body(seq))
+            acknowledged = time.perf_counter()
+            waiting.join(HTTP_TIMEOUT)
+            if "page" not in answer or not answer["page"]["events"]:
+                raise BenchError("a long-poll did not answer the write it waited for: %r" % answer)
+            cursor = answer["page"]["next_cursor"]
+            after_send.append((answer["at"] - sent) * 1000)
+            after_ack.append(max(0.0, answer["at"] - acknowledged) * 1000)
+        writer.close()
+        after_send.sort()
+        after_ack.sort()
+        f["longpoll_after_send_p50_ms"] = percentile(after_send, 50)
+        f["longpoll_after_send_p99_ms"] = percentile(after_send, 99)
+        f["longpoll_after_ack_p99_ms"] = percentile(after_ack, 99)
+
+    def lookups_beside_polls(self, token, users):
+        """Lookups alone and beside WAITING_POLLS waiting long-polls, in
+        alternating rounds (the machine drifts)."""
+        f, rounds = self.figures, (QUICK_ROUNDS if self.args.quick else ROUNDS)
+        seconds = max(1.0, self.args.duration / rounds)
+        results = {"alone": [], "beside_polls": []}
+        for _ in range(rounds):
+            for who in ("alone", "beside_polls"):
+                polls = ParkedPolls(self.appliance.port, token, WAITING_POLLS) if who == "beside_polls" else None
+                try:
+                    results[who].append(self.lookup_load("lookup_" + who, self.appliance.port, users,
+                                                         lambda body: b'"totalResults":1' in body, seconds))
+                finally:
+                    if polls is not None:
+                        polls.release(Connection(self.appliance.port, self.token), users[0][0])
+            self.check_alive()
+        for who, summaries in results.items():
+            total = combine(summaries)
+            f["lookup_%s_rps" % who] = total["rps"]
+            f["lookup_%s_errors" % who] = total["errors"]
+        f["polls_lookup_ratio"] = ratio(f["lookup_beside_polls_rps"], f["lookup_alone_rps"])
+
+    def big_writes(self, big, member_ids):
+        """A PATCH adding BIG_PATCH members to a group and one removing
+        them; the DELETE of the big group. Each is one transaction."""
+        f = self.figures
+        conn = Connection(self.appliance.port, self.token)
+        group = self.create_group(conn, "Bench Group Patch")
+        chosen = member_ids[:BIG_PATCH]
+        f["patch_1000_add_ms"] = conn.json("PATCH", "/scim/Groups/" + group, members_patch("Add", chosen),
+                                           (200, 204))[1] * 1000
+        f["patch_1000_remove_ms"] = conn.json("PATCH", "/scim/Groups/" + group,
+                                              members_patch("Remove", chosen), (200, 204))[1] * 1000
+        f["group_delete_ms"] = conn.json("DELETE", "/scim/Groups/" + big, None, (204,))[1] * 1000
+        conn.close()
+        log("big writes: PATCH of %d members %.0f ms add, %.0f ms remove; DELETE of the big group %.0f ms"
+            % (len(chosen), f["patch_1000_add_ms"], f["patch_1000_remove_ms"], f["group_delete_ms"]))
+
     def create_group(self, conn, name):
         body = {"schemas": [URN_GROUP, "http://schemas.microsoft.com/2006/11/ResourceManagement/ADSCIM/2.0/Group"],
                 "externalId": "%08x-0000-4000-8000-%012d" % (0xbe, len(name)) + name[-1],
@@ -1113,6 +1242,37 @@ class Bench:
         # What the server logged: tracebacks are bugs (each one a 500).
         with open(os.path.join(self.data_dir, "appliance.log"), "rb") as log_file:
             f["server_tracebacks"] = log_file.read().count(b"Traceback (most recent call last)")
+
+
+class ParkedPolls:
+    """`count` long-polls of the feed kept waiting (each asks again when its
+    30 s are up) until `release`, which makes one write to answer them all."""
+
+    def __init__(self, port, token, count):
+        self.stopping = threading.Event()
+        self.connections = [Connection(port, token) for _ in range(count)]
+        head, _ = self.connections[0].json("GET", "/events/head")
+        self.threads = [threading.Thread(target=self.wait, args=(conn, head["cursor"]), daemon=True)
+                        for conn in self.connections]
+        for thread in self.threads:
+            thread.start()
+        time.sleep(1.0)   # all parked
+
+    def wait(self, conn, cursor):
+        while not self.stopping.is_set():
+            try:
+                conn.json("GET", "/events?wait=30&after=" + cursor)
+            except (BenchError, OSError, http.client.HTTPException):
+                return
+
+    def release(self, writer, user_id):
+        self.stopping.set()
+        writer.json("PATCH", "/scim/Users/" + user_id, patch_body(1))
+        writer.close()
+        for thread in self.threads:
+            thread.join(HTTP_TIMEOUT)
+        for conn in self.connections:
+            conn.close()
 
 
 PATCH_TEMPLATE = ('{"schemas":["%s"],"Operations":['
@@ -1203,6 +1363,14 @@ ROWS = [
     ("okta", "okta_push_members", ""), ("okta", "okta_push_body_bytes", "bytes"),
     ("okta", "okta_push_ms", "ms"), ("okta", "okta_repush_ms", "ms"), ("okta", "okta_rename_ms", "ms"),
     ("okta", "okta_push_rss_mb", "MB"),
+    ("feed", "feed_read_events", ""), ("feed", "feed_read_events_per_s", "events/s"),
+    ("feed", "feed_read_cpu_ms_per_page", "ms"),
+    ("feed", "longpoll_after_send_p50_ms", "ms"), ("feed", "longpoll_after_send_p99_ms", "ms"),
+    ("feed", "longpoll_after_ack_p99_ms", "ms"),
+    ("feed", "lookup_alone_rps", "req/s"), ("feed", "lookup_beside_polls_rps", "req/s"),
+    ("feed", "polls_lookup_ratio", ""),
+    ("big writes", "patch_1000_add_ms", "ms"), ("big writes", "patch_1000_remove_ms", "ms"),
+    ("big writes", "group_delete_ms", "ms"),
     ("server", "peak_rss_mb", "MB"), ("server", "startup_s", "s"), ("server", "startup_rss_mb", "MB"),
     ("server", "shutdown_s", "s"), ("server", "server_tracebacks", ""), ("disk", "db_bytes_per_user", "bytes"),
 ]
@@ -1292,6 +1460,9 @@ def parse_args(argv):
     parser.add_argument("--keep", metavar="DIR", help="keep the database and server logs in DIR")
     parser.add_argument("--max-phase-seconds", type=float,
                         help="deadline of the bulk load and of the group phase (default 1800; --quick 40)")
+    parser.add_argument("--appliance", metavar="PATH",
+                        help="the scim_appliance.py to measure (default: this checkout's), e.g. an earlier "
+                             "version checked out elsewhere, to compare the two in the same hour")
     parser.add_argument("--serve-reference", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--bare-db", help=argparse.SUPPRESS)   # with --serve-reference: the bare SCIM server
     args = parser.parse_args(argv)
@@ -1317,7 +1488,9 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    global APPLIANCE
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    APPLIANCE = os.path.abspath(args.appliance) if args.appliance else APPLIANCE
     if args.serve_reference:
         if args.bare_db:
             serve_bare(args.serve_reference, args.threads, args.bare_db)
