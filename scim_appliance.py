@@ -3917,13 +3917,16 @@ def read_events(store, cursor, limit):
     return FeedPage(after, events, next_cursor, len(rows) > limit)
 
 
-def follow_events(store, cursor, limit, wait):
+def follow_events(store, cursor, limit, wait, parked=contextlib.nullcontext):
     """read_events; when there is nothing yet, wait up to `wait` seconds for
-    the next commit that appends events (a long-poll), then read again."""
+    the next commit that appends events (a long-poll), then read again.
+    The wait runs inside `parked()` (the HTTP layer's parked_connection)."""
     page = read_events(store, cursor, limit)
-    if page.events or wait <= 0 or not store.event_head.wait_past(page.after, wait):
+    if page.events or wait <= 0:
         return page
-    return read_events(store, cursor, limit)
+    with parked():
+        arrived = store.event_head.wait_past(page.after, wait)
+    return read_events(store, cursor, limit) if arrived else page
 
 
 def head_cursor(store, tx=None):
@@ -4432,6 +4435,35 @@ def is_feed_request(method, path):
 
 def feed_response(body):
     return Response(200, [("Content-Type", "application/json"), ("Cache-Control", "no-store")], body)
+
+
+# Where the server (section 11) puts the request's waitress channel.
+CHANNEL_KEY = "scim_appliance.channel"
+
+
+@contextlib.contextmanager
+def parked_connection(environ):
+    """Take the request's connection out of waitress's socket map while its
+    long-poll waits, and put it back (waking the event loop) when it is done.
+
+    The event loop asks every connection in the map, on every pass, whether
+    it wants to read or write: 200 waiting long-polls made each pass ~40 us
+    longer, a tenth of a lookup. A connection whose request is in service
+    has nothing to read or write until its answer is ready, so leaving it
+    out costs nothing; its answer is written after it is back.
+    """
+    channel = environ.get(CHANNEL_KEY)
+    if channel is None:   # not under waitress (webtest)
+        yield
+        return
+    socket_map, fileno = channel._map, channel._fileno
+    socket_map.pop(fileno, None)
+    try:
+        yield
+    finally:
+        if channel._fileno == fileno:   # still open
+            socket_map[fileno] = channel
+        channel.server.pull_trigger()
 
 
 def is_write_request(method, path):
@@ -5158,7 +5190,7 @@ def make_scim_app(store, settings, activity=None, metrics=None, access_log=None)
         if not 1 <= limit <= MAX_EVENTS_PAGE or not 0 <= wait <= MAX_EVENTS_WAIT:
             raise ScimError(400, "invalidValue", "limit is 1 to %d, wait 0 to %d seconds"
                             % (MAX_EVENTS_PAGE, MAX_EVENTS_WAIT))
-        page = follow_events(store, cursor, limit, wait)
+        page = follow_events(store, cursor, limit, wait, lambda: parked_connection(environ))
         return feed_response(('{"events":[%s],"next_cursor":"%s","has_more":%s}' % (
             ",".join(page.events), page.next_cursor, "true" if page.has_more else "false")).encode("utf-8"))
 
@@ -6056,6 +6088,7 @@ def _strict_channel_class():
     """
     import waitress.channel
     import waitress.parser
+    import waitress.task
 
     class StrictRequestParser(waitress.parser.HTTPRequestParser):
         def parse_header(self, header_plus):
@@ -6063,8 +6096,17 @@ def _strict_channel_class():
             if self.chunked and "CONTENT_LENGTH" in self.headers:
                 raise waitress.parser.ParsingError("Content-Length and Transfer-Encoding together")
 
+    class ChannelTask(waitress.task.WSGITask):
+        """Puts the channel in the environ, for parked_connection."""
+
+        def get_environment(self):
+            environ = super().get_environment()
+            environ[CHANNEL_KEY] = self.channel
+            return environ
+
     class StrictChannel(waitress.channel.HTTPChannel):
         parser_class = StrictRequestParser
+        task_class = ChannelTask
 
     return StrictChannel
 
@@ -6338,7 +6380,7 @@ def serve(settings, out=sys.stdout):
         for opened in servers:
             _stop_listening(opened)
         store.event_head.release()   # waiting long-polls answer now
-        finished = _drain(server._map, run_pending, time.monotonic() + SHUTDOWN_GRACE_SECONDS)
+        finished = _drain(servers, run_pending, time.monotonic() + SHUTDOWN_GRACE_SECONDS)
         for opened in servers:
             _shut_down(opened)
         activity.stop()
@@ -6385,13 +6427,18 @@ def _take_in_arrived(socket_map):
         waitress.wasyncore.loop(timeout=0, map=socket_map, count=1)
 
 
-def _drain(socket_map, run_pending, deadline):
-    """Run waitress's event loop until no connection has a request in
-    progress or a response unsent (True), or the deadline passes (False)."""
+def _drain(servers, run_pending, deadline):
+    """Run the servers' event loop until no connection has a request in
+    progress or a response unsent (True), or the deadline passes (False).
+    A parked long-poll's connection is out of the socket map (parked_connection):
+    the servers' own lists of connections still hold it."""
     import waitress.wasyncore
+    socket_map = servers[0]._map
     while time.monotonic() < deadline:
         run_pending()
-        busy = [channel for channel in list(socket_map.values())
+        channels = list(socket_map.values()) + [channel for server in servers
+                                                for channel in list(server.active_channels.values())]
+        busy = [channel for channel in channels
                 if getattr(channel, "requests", None) or getattr(channel, "total_outbufs_len", 0)]
         if not busy:
             return True

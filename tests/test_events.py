@@ -933,6 +933,38 @@ def test_okta_patch_replace_of_members_gives_events_for_the_difference(okta_clie
     assert_membership_event(event, "removed", group, other, "User", 4, PATCH_URI, "okta")
 
 
+def test_a_group_put_with_a_new_name_and_members_is_group_updated_then_member_events(okta_client, client, feed):
+    old, new = make_events(client, 2, "m")
+    group = okta_client.create_group("Old name", members=[{"value": old}])
+    head = feed.head()
+    okta_client.put("/Groups/" + group["id"], {"schemas": [URN_GROUP], "displayName": "New name",
+                                                "members": [{"value": new}]})
+    updated, *members = feed.events(head)
+    assert (updated["type"], updated["event_uri"], updated["attributes"]) == ("group.updated", PUT_URI,
+                                                                               ["displayName"])
+    assert updated["data"]["displayName"] == "New name" and "members" not in updated["data"]
+    renamed = dict(group, displayName="New name")
+    assert membership(members) == sorted([("group.member_added", new, "User"), ("group.member_removed", old, "User")])
+    for event in members:
+        kind = event["type"].rpartition("_")[2]
+        assert_membership_event(event, kind, renamed, event["data"]["member"]["value"], "User", 2, PUT_URI, "okta")
+    assert {event["txn"] for event in members} == {updated["txn"]}
+
+
+def test_a_password_change_is_user_updated_naming_password_and_never_carries_it(okta_client, feed, db):
+    user = okta(okta_client, "POST", "/Users", OKTA_CREATE_USER, 201).json
+    head = feed.head()
+    okta_client.patch("/Users/" + user["id"], [{"op": "replace", "value": {"password": "n3w-Secret-Passw0rd"}}],
+                      status=200)
+    event, = feed.events(head)
+    assert (event["type"], event["event_uri"], event["attributes"]) == ("user.updated", PATCH_URI, ["password"])
+    assert event["resource"]["version"] == 'W/"2"'
+    assert "password" not in event["data"]
+    rows = db.execute("SELECT event FROM scim_events").fetchall()
+    assert not any("n3w-Secret" in row[0] or "1mz050nq" in row[0] for row in rows)
+    assert "1mz050nq" not in json.dumps(feed.events())
+
+
 def test_the_same_membership_change_gives_the_same_events_whatever_the_form(client, okta_client, feed, db):
     a, b, c, d, e = make_events(client, 5, "m")
     before, after = [a, b, c], [b, c, d, e]
@@ -1321,7 +1353,7 @@ def test_a_cursor_beyond_the_head_is_410(client, feed):
     tag = events[-1]["cursor"].split(".")[1]
     for cursor in ("4." + tag, "4.000000000000", "999999." + tag):
         error = feed.error("/events?after=" + cursor, 410)
-        assert "/events/head" in error["detail"]
+        assert "/events/head" in error["detail"] and "beyond the newest event" in error["detail"]
     assert feed.head() == events[-1]["cursor"]
 
 
@@ -1329,7 +1361,7 @@ def test_a_cursor_whose_id_does_not_match_its_event_is_410(client, feed, setting
     make_events(client, 3)
     events = feed.events()
     error = feed.error("/events?after=2.000000000000", 410)
-    assert "/events/head" in error["detail"]
+    assert "/events/head" in error["detail"] and "another history" in error["detail"]
     assert feed.page(events[1]["cursor"])["events"] == events[2:]
     # What a restore from an older copy looks like: number 2 is another event now.
     with writer(settings) as conn:
@@ -1346,7 +1378,7 @@ def test_a_pruned_cursor_is_410_and_the_feed_then_starts_at_the_oldest_kept(clie
     assert seqs(db) == [4, 5]
     for cursor in ("0", events[0]["cursor"], events[1]["cursor"], events[2]["cursor"]):
         error = feed.error("/events?after=" + cursor, 410)
-        assert "/events/head" in error["detail"]
+        assert "/events/head" in error["detail"] and "older than the feed keeps" in error["detail"]
     assert feed.page() == {"events": events[3:], "next_cursor": events[4]["cursor"], "has_more": False}
     assert feed.page(events[3]["cursor"])["events"] == events[4:]
     assert feed.head() == events[4]["cursor"]

@@ -384,10 +384,10 @@ class Follower(threading.Thread):
                 self.events.extend(page["events"])
                 cursor = page["next_cursor"]
                 if self.final and cursor == self.final[0] and not page["has_more"]:
-                    return
+                    return self.skipped()
                 if time.monotonic() > deadline:
                     self.error = "stuck at %s (final %s)" % (cursor, self.final)
-                    return
+                    return self.skipped()
         except Exception as exc:   # asserted by the test
             self.error = repr(exc)
 
@@ -567,18 +567,50 @@ RECIPE_WRITERS = 4
 SEED_USERS = 150
 SEED_GROUPS = 10
 WRITES_BETWEEN_PAGES = 3
+FOLLOW_WRITES = 150
+
+
+class WriteBudget:
+    """How many more writes the writers may make: the test grants them, so
+    that writes land between (and during) the listing's pages however fast
+    or slow the machine is, and their number stays bounded."""
+
+    def __init__(self):
+        self.left = 0
+        self.stopped = False
+        self.changed = threading.Condition()
+
+    def grant(self, count):
+        with self.changed:
+            self.left += count
+            self.changed.notify_all()
+
+    def stop(self):
+        with self.changed:
+            self.stopped = True
+            self.changed.notify_all()
+
+    def take(self):
+        """True when a write may be made, False once stopped."""
+        with self.changed:
+            while not self.left and not self.stopped:
+                self.changed.wait()
+            if self.stopped:
+                return False
+            self.left -= 1
+            return True
 
 
 class RandomWriter(threading.Thread):
     """Creates, renames, (de)activates and deletes users and groups and
-    changes memberships at random on a shared pool, until told to stop.
-    4xx answers (another thread got there first) are expected; 5xx and
-    transport errors are failures."""
+    changes memberships at random on a shared pool, one write per unit of
+    `budget`, until it is stopped. 4xx answers (another thread got there
+    first) are expected; 5xx and transport errors are failures."""
 
-    def __init__(self, server, number, users, groups, pool_lock, stop):
+    def __init__(self, server, number, users, groups, pool_lock, budget):
         super().__init__(daemon=True)
         self.server, self.number = server, number
-        self.users, self.groups, self.lock, self.stop = users, groups, pool_lock, stop
+        self.users, self.groups, self.lock, self.budget = users, groups, pool_lock, budget
         self.rng = random.Random(number)
         self.writes = collections.Counter()
         self.errors = []
@@ -590,11 +622,14 @@ class RandomWriter(threading.Thread):
     def run(self):
         n = 0
         try:
-            while not self.stop.is_set():
+            while self.budget.take():
                 n += 1
                 self.one(n)
         except Exception as exc:
             self.errors.append(repr(exc))
+
+    def skipped(self):
+        self.writes[0] += 1   # nothing to write to (an empty pool): counted, so the budget moves on
 
     def one(self, n):
         rng, tag = self.rng, "rw%d-%d" % (self.number, n)
@@ -608,7 +643,7 @@ class RandomWriter(threading.Thread):
         elif choice < 0.4:
             user_id = self.pick(self.users)
             if user_id is None:
-                return
+                return self.skipped()
             operation = rng.choice([
                 {"op": "replace", "path": "active", "value": rng.random() < 0.5},
                 {"op": "replace", "path": "displayName", "value": "Name " + tag},
@@ -617,7 +652,7 @@ class RandomWriter(threading.Thread):
         elif choice < 0.5:
             user_id = self.pick(self.users)
             if user_id is None:
-                return
+                return self.skipped()
             status, _, body = self.server.request("DELETE", "/Users/" + user_id)
             if status == 204:
                 with self.lock:
@@ -632,7 +667,7 @@ class RandomWriter(threading.Thread):
         elif choice < 0.85:
             group_id, user_id = self.pick(self.groups), self.pick(self.users)
             if group_id is None or user_id is None:
-                return
+                return self.skipped()
             if rng.random() < 0.6:
                 operation = {"op": "add", "path": "members", "value": [{"value": user_id}]}
             else:
@@ -641,14 +676,14 @@ class RandomWriter(threading.Thread):
         elif choice < 0.95:
             group_id = self.pick(self.groups)
             if group_id is None:
-                return
+                return self.skipped()
             members = [u for u in {self.pick(self.users) for _ in range(3)} if u]
             status, _, body = self.server.request("PUT", "/Groups/" + group_id, group_body(
                 "Group " + tag, members))
         else:
             group_id = self.pick(self.groups)
             if group_id is None:
-                return
+                return self.skipped()
             status, _, body = self.server.request("DELETE", "/Groups/" + group_id)
             if status == 204:
                 with self.lock:
@@ -741,7 +776,7 @@ def test_list_then_follow_with_writes_all_along_ends_equal_to_the_database(feed_
     its copy equals the database. "one-page" lists each resource type in a
     single page (nothing can shift between pages)."""
     server = feed_server
-    users, groups, pool_lock, stop = [], [], threading.Lock(), threading.Event()
+    users, groups, pool_lock, budget = [], [], threading.Lock(), WriteBudget()
     for n in range(SEED_USERS):
         status, _, body = server.request("POST", "/Users", user_body("seed%03d@recipe.example.com" % n))
         assert status == 201
@@ -750,35 +785,40 @@ def test_list_then_follow_with_writes_all_along_ends_equal_to_the_database(feed_
         status, _, body = server.request("POST", "/Groups", group_body("Seed %d" % n, users[n::SEED_GROUPS]))
         assert status == 201
         groups.append(body["id"])
-    writers = [RandomWriter(server, n, users, groups, pool_lock, stop) for n in range(RECIPE_WRITERS)]
+    writers = [RandomWriter(server, n, users, groups, pool_lock, budget) for n in range(RECIPE_WRITERS)]
 
     def writes():
         return sum(sum(writer.writes.values()) for writer in writers)
 
-    def let_writes_land():
-        target = writes() + WRITES_BETWEEN_PAGES
-        wait_for(lambda: writes() >= target, timeout=DEADLINE, what="writes between two pages")
+    def let_writes_land(count=WRITES_BETWEEN_PAGES):
+        """Let `count` more writes land; as many again may run on into the next page."""
+        target = writes() + count
+        budget.grant(2 * count)
+        wait_for(lambda: writes() >= target, timeout=DEADLINE, what="%d writes" % count)
 
     for writer in writers:
         writer.start()
     try:
-        wait_for(lambda: writes() >= 20, timeout=DEADLINE, what="the writers getting going")
+        let_writes_land(20)
         replica = Replica()
         cursor = feed_head(server)
+        followed = []
         before = writes()
         pages = list_all(server, "Users", user_page, replica, let_writes_land)
         let_writes_land()
         pages += list_all(server, "Groups", group_page, replica, let_writes_land)
         during = writes() - before
         # Follow while the writers go on, until they have written some more.
+        budget.grant(FOLLOW_WRITES)
         deadline = time.monotonic() + DEADLINE
-        while writes() < before + 200 and time.monotonic() < deadline:
+        while writes() < before + during + FOLLOW_WRITES and time.monotonic() < deadline:
             page = feed_page(server, cursor, wait=1)
             for event in page["events"]:
                 replica.apply(event)
+            followed.extend(page["events"])
             cursor = page["next_cursor"]
     finally:
-        stop.set()
+        budget.stop()
         for writer in writers:
             writer.join(timeout=DEADLINE)
     assert not any(writer.is_alive() for writer in writers)
@@ -786,15 +826,50 @@ def test_list_then_follow_with_writes_all_along_ends_equal_to_the_database(feed_
     events, cursor = read_until(server, cursor, feed_head(server))
     for event in events:
         replica.apply(event)
+    followed.extend(events)
     statuses = sum((w.writes for w in writers), collections.Counter())
     print("\n[feed] recipe: %d pages listed while %d writes ran, writes %s, %d events after the follow"
           % (pages, during, dict(statuses), len(events)))
-    assert sum(count for status, count in statuses.items() if 200 <= status < 300) >= 100
+    assert sum(count for status, count in statuses.items() if 200 <= status < 300) >= FOLLOW_WRITES // 2
     mine, database = replica.view(), database_view(server.db_path)
-    assert mine[0] == database[0], "users differ: %s" % _difference(mine[0], database[0])
+    changed = {event["resource"]["id"] for event in followed}
+    unlisted = sorted(name for i, (name, _) in database[0].items() if i not in mine[0] and i not in changed)
+    assert mine[0] == database[0], ("users differ: %s; missing from the copy with no event after the head "
+                                    "(so the paged listing skipped them): %s"
+                                    % (_difference(mine[0], database[0]), unlisted))
     assert mine[1] == database[1], "groups differ: %s" % _difference(mine[1], database[1])
     assert mine[2] == database[2], "memberships differ: only in the copy %s, only in the database %s" % (
         sorted(mine[2] - database[2])[:5], sorted(database[2] - mine[2])[:5])
+
+
+def test_paged_listing_with_a_delete_between_pages_ends_equal_to_the_database(feed_server):
+    """The recipe's step 2 paged, with one write while listing: users a, b,
+    c, d; head; page 1 (startIndex=1, count=2); a is deleted; page 2
+    (startIndex=3, count=2); the feed from the head. The copy must equal
+    the database (b, c, d): c must come from a page or from the feed."""
+    server = feed_server
+    ids = {}
+    for name in "abcd":
+        status, _, body = server.request("POST", "/Users", user_body(name + "@paged.example.com"))
+        assert status == 201
+        ids[name] = body["id"]
+    replica = Replica()
+    cursor = feed_head(server)
+    status, _, first = server.request("GET", "/Users?startIndex=1&count=2")
+    assert status == 200 and [u["id"] for u in first["Resources"]] == [ids["a"], ids["b"]]
+    status, _, _ = server.request("DELETE", "/Users/" + ids["a"])   # a write made while listing
+    assert status == 204
+    status, _, second = server.request("GET", "/Users?startIndex=3&count=2")
+    assert status == 200
+    for user in first["Resources"] + second["Resources"]:
+        replica.store_user(user)
+    events, _ = read_until(server, cursor, feed_head(server))
+    for event in events:
+        replica.apply(event)
+    listed = {u["userName"].split("@")[0] for u in first["Resources"] + second["Resources"]}
+    assert replica.view()[0] == database_view(server.db_path)[0], (
+        "listed %s (totalResults %d on page 2), events after the head %s"
+        % (sorted(listed), second["totalResults"], [(e["type"], e["data"]["userName"]) for e in events]))
 
 
 def _difference(mine, theirs):
