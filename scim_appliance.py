@@ -1243,12 +1243,17 @@ class Transaction:
     EVENT_COLUMNS = ("event_id", "time", "type", "event_uri", "resource_type", "resource_id", "external_id",
                      "version", "txn", "token_name", "body")
 
+    INSERT_EVENT = "INSERT INTO events (%s) VALUES (%s)" % (", ".join(EVENT_COLUMNS),
+                                                            ", ".join("?" * len(EVENT_COLUMNS)))
+
     def append_events(self, events):
         """Append event rows (tuples in EVENT_COLUMNS order), numbered in commit order."""
-        self.conn.executemany("INSERT INTO events (%s) VALUES (%s)" % (
-            ", ".join(self.EVENT_COLUMNS), ", ".join("?" * len(self.EVENT_COLUMNS))), events)
+        if len(events) == 1:   # most writes: one statement, and its rowid comes with it
+            self.last_event_seq = self.conn.execute(self.INSERT_EVENT, events[0]).lastrowid
+        else:
+            self.conn.executemany(self.INSERT_EVENT, events)
+            self.last_event_seq = self.conn.execute("SELECT last_insert_rowid()").fetchone()[0]
         self.events_appended += len(events)
-        self.last_event_seq = self.conn.execute("SELECT last_insert_rowid()").fetchone()[0]
 
     def event_bounds(self):
         """(oldest, newest) sequence numbers kept; (0, 0) before the first event."""
@@ -3401,13 +3406,15 @@ class ChangeEvents:
         self.base_url = base_url
         self.token_name = token_name
         self.operation = operation
-        self.txn = str(uuid.uuid4())
-        self.time = utc_now()
+        self.txn = self.time = None   # set by the first event: a write that changes nothing makes none
         self.rows = []
 
-    def resource(self, event_type, resource_type, row, document=None, attributes=None):
-        """A user.* or group.* event carrying the resource as it is now (as it was, for a delete)."""
-        representation = render_resource(resource_type, row, self.base_url, document=document)
+    def resource(self, event_type, resource_type, row, document=None, attributes=None, representation=None):
+        """A user.* or group.* event carrying the resource as it is now (as
+        it was, for a delete): `representation`, or rendered from `row`
+        without a user's groups or a group's members."""
+        if representation is None:
+            representation = render_resource(resource_type, row, self.base_url, document=document)
         self._add(event_type, resource_type, row["id"], representation.get("externalId"), row["version"],
                   representation, attributes)
 
@@ -3422,7 +3429,9 @@ class ChangeEvents:
                            "member": {"value": member_id, "type": member_type}})
 
     def _add(self, event_type, resource_type, resource_id, external_id, version, data, attributes=None):
-        event_id = str(uuid.uuid4())
+        if self.txn is None:
+            self.txn, self.time = new_event_id(), utc_now()
+        event_id = new_event_id()
         uri = EVENT_URI_PREFIX + (EVENT_URIS[event_type] or OPERATION_EVENT_URIS[self.operation])
         body = {"id": event_id, "type": event_type, "timestamp": self.time, "event_uri": uri, "txn": self.txn,
                 "token_name": self.token_name,
@@ -3438,6 +3447,11 @@ class ChangeEvents:
     def append(self):
         if self.rows:
             self.tx.append_events(self.rows)
+
+
+def new_event_id():
+    """128 random bits as 32 hex digits: an event's id, or a request's txn."""
+    return os.urandom(16).hex()
 
 
 def changed_attributes(before, after):
@@ -3556,17 +3570,20 @@ def create_resource(store, resource_type, body, base_url, projection=None, token
     row = _row_for(resource_type, resource_id, document, now, 1, created=now, password=password)
     with store.write() as tx:
         tx.insert_resource(resource_type.table, row)
+        # Rendered from what was just written: a new user is in no group
+        # yet, a group's members are rendered (or streamed) by themselves.
+        resource = render_resource(resource_type, row, base_url, document=document)
         events = ChangeEvents(tx, base_url, token_name, "create")
-        events.resource(resource_type.name.lower() + ".created", resource_type, row, document)
+        events.resource(resource_type.name.lower() + ".created", resource_type, row, representation=resource)
         if members:
             change = MembershipChange()
             _add_members(tx, resource_id, members, change, new_group=True)
             events.membership(_group_identity(row), *change.split())
         events.append()
-        # Rendered from what was just written: a new user is in no group yet.
-        stored = dict(row, groups=[]) if resource_type is USER else row
-        return _render_loaded(tx, resource_type, stored, base_url, projection or Projection(resource_type),
-                              document)
+        projection = projection or Projection(resource_type)
+        if resource_type is GROUP and projection.wants("members"):
+            return _render_loaded(tx, resource_type, row, base_url, projection, document)
+        return projection.apply(resource)
 
 
 def get_resource(store, resource_type, resource_id, base_url, projection):
