@@ -1067,6 +1067,10 @@ class Transaction:
                            with_groups=with_groups)
         return rows[0] if rows else None
 
+    def password_digest_of(self, user_id):
+        row = self.conn.execute("SELECT password_digest FROM users WHERE id = ?", (user_id,)).fetchone()
+        return row[0] if row else None
+
     def delete_resource(self, table, resource_id):
         """Delete a user or group and every membership that names it; returns
         the groups it was in (groups_containing), their versions moved on."""
@@ -3530,13 +3534,13 @@ class ResourceBody(typing.NamedTuple):
     """A POST or PUT body, read and checked (read_resource_body)."""
     document: dict     # the stored document (canonical_document)
     members: list      # a group's members as (id, type) pairs; None for a user
-    password: str      # the digest of a new password, or None
+    password: str      # the password as sent (User.password, writeOnly), or None
 
 
 def read_resource_body(resource_type, body, resource_id=None):
     """A POST/PUT body as a ResourceBody, checked before any transaction
-    begins (scrypt takes tens of milliseconds). For a PUT, `resource_id`
-    is the resource's, and an id in the body must be it (check_own_id).
+    begins. For a PUT, `resource_id` is the resource's, and an id in the
+    body must be it (check_own_id).
 
     The HTTP layer calls it before create_resource or replace_resource, so
     that the parsed JSON is gone before the write: a 100,000-member group's
@@ -3546,7 +3550,7 @@ def read_resource_body(resource_type, body, resource_id=None):
     document = canonical_document(resource_type, body)
     check_required(resource_type, document)
     members = _take_members(resource_type, document)
-    password = _take_password(document) if resource_type is USER else None
+    password = document.pop("password", None) if resource_type is USER else None
     return ResourceBody(document, members, password)
 
 
@@ -3565,6 +3569,7 @@ def create_resource(store, resource_type, body, base_url, projection=None, token
     `body` or its ResourceBody. Returns the resource. `token_name` made the
     change (the feed's events say so)."""
     document, members, password = _resource_body(resource_type, body)
+    password = None if password is None else password_digest(password)   # scrypt: before the write lock
     resource_id = new_resource_id()
     now = utc_now()
     row = _row_for(resource_type, resource_id, document, now, 1, created=now, password=password)
@@ -3661,10 +3666,13 @@ def replace_resource(store, resource_type, resource_id, body, base_url, if_match
     nothing (Okta pushes unchanged users and groups again) keeps the
     version and makes no event."""
     document, members, password = _resource_body(resource_type, body, resource_id)
+    password = _put_password(store, resource_id, password)
     projection = projection or Projection(resource_type)
     with store.write() as tx:
         current = _load(tx, resource_type, resource_id, projection)
         _check_if_match(if_match, current)
+        if password is not None and password == current.get("password_digest"):
+            password = None   # the password it has: Okta's PUT sends it every time
         change = MembershipChange()
         if resource_type is GROUP:
             _replace_members(tx, resource_id, members, change)
@@ -3672,6 +3680,16 @@ def replace_resource(store, resource_type, resource_id, body, base_url, if_match
                                 change, ChangeEvents(tx, base_url, token_name, "put"))
         # Rendered from what was just written; a user's groups are unchanged.
         return _render_loaded(tx, resource_type, current, base_url, projection, document)
+
+
+def _put_password(store, resource_id, password):
+    """The digest to store for a PUT's password (None for none): the stored
+    one when the password is the one the user has, so that replace_resource
+    sees no change, else a new one. Both cost a scrypt, before the write lock."""
+    if password is None:
+        return None
+    stored = store.read_once().password_digest_of(resource_id)
+    return stored if stored and verify_password(password, stored) else password_digest(password)
 
 
 def _store_change(tx, resource_type, current, before, document, password, change, events):
@@ -4486,7 +4504,7 @@ def parked_connection(environ):
 def is_write_request(method, path):
     """Whether a request may write (a POST .search only reads): serve() runs
     it on a writer thread, where waiting for the write lock holds up no read."""
-    return method in WRITE_METHODS and not path.rstrip("/").endswith("/.search")
+    return method in WRITE_METHODS and not path.rstrip("/").lower().endswith("/.search")
 
 
 def note_activity(environ, resource_type, resource=None, summary=None):

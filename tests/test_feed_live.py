@@ -131,18 +131,35 @@ def patch_body(*operations):
     return {"schemas": [URN_PATCH], "Operations": list(operations)}
 
 
-def open_sockets(pid):
-    """How many sockets process `pid` has open (Linux /proc), or None."""
+def accepted_connections(server):
+    """How many connections to the SCIM port the server process has
+    accepted and holds open (ESTABLISHED sockets among its file
+    descriptors, from Linux's /proc), or None where /proc is missing."""
+    pid = server.process.pid
     try:
         names = os.listdir("/proc/%d/fd" % pid)
     except OSError:
         return None
-    count = 0
+    inodes = set()
     for name in names:
         try:
-            count += os.readlink("/proc/%d/fd/%s" % (pid, name)).startswith("socket:")
+            link = os.readlink("/proc/%d/fd/%s" % (pid, name))
         except OSError:
-            pass   # closed in between
+            continue   # closed in between
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as handle:
+                rows = handle.readlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == server.port and fields[3] == "01" and fields[9] in inodes:
+                count += 1
     return count
 
 
@@ -190,15 +207,14 @@ def park_polls(server, count, cursor, wait=POLL_WAIT):
     return polls
 
 
-def wait_until_accepted(server, baseline, count):
-    """Wait until the server holds `count` more sockets than `baseline` (the
-    polls' connections are accepted); a no-op where /proc is missing."""
-    if baseline is None:
+def wait_until_accepted(server, count):
+    """Wait until the server has accepted `count` connections (the polls');
+    a pause where /proc is missing."""
+    if accepted_connections(server) is None:
         time.sleep(1)
         return
-    wait_for(lambda: (open_sockets(server.process.pid) or 0) >= baseline + count, timeout=DEADLINE,
-             what="the server accepting %d long-poll connections (it holds %s sockets, %d before)"
-                  % (count, open_sockets(server.process.pid), baseline))
+    wait_for(lambda: accepted_connections(server) >= count, timeout=DEADLINE,
+             what="the server accepting %d long-poll connections" % count)
 
 
 # -- 1. every acknowledged write's events, exactly once, in commit order -----------
@@ -384,10 +400,10 @@ class Follower(threading.Thread):
                 self.events.extend(page["events"])
                 cursor = page["next_cursor"]
                 if self.final and cursor == self.final[0] and not page["has_more"]:
-                    return self.skipped()
+                    return
                 if time.monotonic() > deadline:
                     self.error = "stuck at %s (final %s)" % (cursor, self.final)
-                    return self.skipped()
+                    return
         except Exception as exc:   # asserted by the test
             self.error = repr(exc)
 
@@ -477,15 +493,15 @@ def lookups_while_polls_wait(server, polls, lookups):
     for n in range(lookups):
         remaining = deadline - time.monotonic()
         assert remaining > 0, ("only %d of %d lookups were answered while %d long-polls waited "
-                               "(the server holds %s sockets)"
-                               % (n, lookups, len(polls), open_sockets(server.process.pid)))
+                               "(the server has accepted %s connections)"
+                               % (n, lookups, len(polls), accepted_connections(server)))
         path = "/scim/Users?filter=" + urllib.parse.quote('userName eq "nobody%d@example.com"' % n)
         try:
             status, body = http_get(server, path, token=server.token, timeout=remaining)
         except OSError as exc:
             raise AssertionError("lookup %d of %d was not answered while %d long-polls waited: %r "
-                                 "(the server holds %s sockets)"
-                                 % (n, lookups, len(polls), exc, open_sockets(server.process.pid)))
+                                 "(the server has accepted %s connections)"
+                                 % (n, lookups, len(polls), exc, accepted_connections(server)))
         assert status == 200 and body["totalResults"] == 0, body
         if n % 10 == 0:
             status, _, text = healthz(server.port)
@@ -543,10 +559,8 @@ def test_sigterm_answers_waiting_long_polls_and_exits_0(feed_server):
     status, _, _ = server.request("POST", "/Users", user_body("before@example.com"))
     assert status == 201
     head = feed_head(server)
-    baseline = open_sockets(server.process.pid)
     polls = park_polls(server, 10, head)
-    wait_until_accepted(server, baseline, 10)
-    time.sleep(0.5)   # accepted connections have their request read by the next loop pass
+    wait_until_accepted(server, 10)
     assert all(poll.answered_at is None for poll in polls)
     server.process.terminate()
     assert server.process.wait(timeout=25) == 0
