@@ -12,6 +12,13 @@
 3. retention: a server started on a database whose events are older than
    --events-days prunes them at once, all but the newest; their cursors get
    410 and the head still answers.
+4. a backup taken during writes holds exactly the events of the changes it
+   holds, and they are the live history's first events.
+5. restore of a backup from before the feed (schema 1): an empty feed at
+   "0", every old cursor 410, new events numbered from 1.
+6. kill -9 during the prune: a gapless tail is left; the next start finishes.
+
+The kill -9 test prints its seed; FEED_CRASH_SEED=<seed> repeats its timing.
 """
 
 import collections
@@ -552,3 +559,213 @@ def test_a_server_prunes_expired_events_at_start_and_answers_their_cursors_410(t
         output = server.stop()
     assert "Traceback" not in output, output
 
+
+
+# -- 4. a backup taken during writes ----------------------------------------------------------
+
+def replay_events(path):
+    """Replay a database file's events table into {user id: (userName,
+    displayName, version)} and {(group id, member id)}, and its group
+    versions; problems with the sequence go in the returned list."""
+    problems = []
+    rows = event_rows(path)
+    if sorted(rows) != list(range(1, len(rows) + 1)):
+        problems.append("%s: seq is not 1..%d" % (path, len(rows)))
+    if query(path, "SELECT seq FROM sqlite_sequence WHERE name = 'events'") != [(len(rows),)]:
+        problems.append("%s: AUTOINCREMENT's counter is not the newest event" % path)
+    users, members, versions = {}, set(), {}
+    for seq in sorted(rows):
+        _, kind, _, resource_id, version, _, body = rows[seq]
+        versions[resource_id] = version
+        data = body["data"]
+        if kind in ("user.created", "user.updated", "user.deactivated", "user.reactivated"):
+            users[resource_id] = (data["userName"], data.get("displayName"), version)
+        elif kind == "user.deleted":
+            users.pop(resource_id)
+        elif kind == "group.member_added":
+            members.add((resource_id, data["member"]["value"]))
+        elif kind == "group.member_removed":
+            members.remove((resource_id, data["member"]["value"]))
+    return users, members, versions, problems
+
+
+def stored_state(path):
+    users = {row[0]: (row[1], row[2], row[3]) for row in query(
+        path, "SELECT id, user_name, display_name, version FROM users")}
+    members = set(query(path, "SELECT group_id, member_id FROM members"))
+    groups = dict(query(path, "SELECT id, version FROM groups"))
+    return users, members, groups
+
+
+def test_a_backup_taken_during_writes_holds_exactly_the_events_of_the_changes_it_holds(tmp_path):
+    """`backup` twice while 3 writers create, rename, add to a group and
+    delete users: each backup's events, replayed, are exactly its users,
+    their versions and its memberships; its seq is 1..N (AUTOINCREMENT's
+    counter at N), and its events are the live history's first N."""
+    path = str(tmp_path / "live.db")
+    run_cli("token", "create", "--name", "app", "--scope", "read", "--db", path)
+    server = start_live_server(path)
+    stop = threading.Event()
+    failures = []
+    acks = collections.Counter()
+
+    def writer(number):
+        n = 0
+        while not stop.is_set():
+            n += 1
+            status, _, user = server.request("POST", "/Users", user_body("w%d-%d@backup.example" % (number, n), "B"))
+            steps = [(status, 201)]
+            if status == 201:
+                steps.append((server.request("PATCH", "/Users/" + user["id"], patch_body(
+                    {"op": "replace", "path": "displayName", "value": "Renamed %d" % n}))[0], 200))
+                steps.append((server.request("PATCH", "/Groups/" + group_id, add_member(user["id"]))[0], 204))
+                if n % 4 == 0:
+                    steps.append((server.request("DELETE", "/Users/" + user["id"])[0], 204))
+            for got, want in steps:
+                if got != want:
+                    failures.append((got, want))
+                    return
+            acks[number] += 1
+
+    try:
+        status, _, group = server.request("POST", "/Groups", {"schemas": [URN_GROUP], "displayName": "All"})
+        assert status == 201, group
+        group_id = group["id"]
+        threads = [threading.Thread(target=writer, args=(n,), daemon=True) for n in range(3)]
+        for thread in threads:
+            thread.start()
+        backups = []
+        try:
+            for number in range(2):
+                wait_for(lambda: sum(acks.values()) >= 10 * (number + 1), timeout=60, what="writes acknowledged")
+                backups.append(str(tmp_path / ("backup%d.db" % number)))
+                run_cli("backup", backups[-1], "--db", path)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=60)
+        assert not failures, failures
+    finally:
+        output = server.stop()
+    assert "Traceback" not in output, output
+    live = event_rows(path)
+    for backup in backups + [path]:
+        users, members, versions, problems = replay_events(backup)
+        assert problems == []
+        stored_users, stored_members, groups = stored_state(backup)
+        assert users == stored_users, backup
+        assert members == stored_members, backup
+        assert {gid: versions[gid] for gid in groups} == groups, backup
+        rows = event_rows(backup)
+        assert {seq: row[0] for seq, row in rows.items()} == {seq: live[seq][0] for seq in rows}, backup
+    assert 0 < len(event_rows(backups[0])) < len(event_rows(backups[1])) < len(live)
+
+
+# -- 5. restore from a backup made before the feed existed -------------------------------------
+
+FIXTURE_V1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "schema-v1.db")
+
+
+def test_restoring_a_backup_from_before_the_feed_starts_an_empty_feed_and_old_cursors_get_410(tmp_path):
+    """Restore of a schema-1 database (no events table) over a database with
+    a history: the feed starts empty at "0", every old cursor gets 410 (first
+    beyond the head, then of another history once new events take its
+    number), and the new events are numbered from 1."""
+    path = str(tmp_path / "feed.db")
+    run_cli("token", "create", "--name", "app", "--scope", "read", "--db", path)
+    server = start_live_server(path)
+    read_token = run_cli("token", "create", "--name", "reader", "--scope", "read", "--db", path).stdout.strip()
+    try:
+        for name in ("a@old.example", "b@old.example", "c@old.example"):
+            create_user(server, name)
+        old, _ = follow(server, read_token)
+        assert len(old) == 3
+    finally:
+        server.stop()
+    source = str(tmp_path / "v1.db")
+    with open(FIXTURE_V1, "rb") as handle, open(source, "wb") as copy:
+        copy.write(handle.read())
+    run_cli("restore", source, "--db", path)
+    # The restored tokens are the backup's: new ones for this test.
+    token = run_cli("token", "create", "--name", "provisioner", "--db", path).stdout.strip()
+    read_token = run_cli("token", "create", "--name", "reader", "--scope", "read", "--db", path).stdout.strip()
+    server = LiveServer(path)
+    server.token = token
+    try:
+        assert head(server, read_token) == "0"
+        assert follow(server, read_token, "0") == ([], "0")
+        for event in old:
+            assert_gone(server, read_token, event["cursor"])
+        new_user = create_user(server, "new@new.example")
+        new, cursor = follow(server, read_token, "0")
+        assert [(seq_of(e["cursor"]), e["type"], e["resource"]["id"]) for e in new] == [
+            (1, "user.created", new_user)]
+        assert new[0]["id"] != old[0]["id"] and cursor == head(server, read_token)
+        for event in old:
+            assert_gone(server, read_token, event["cursor"])
+        status, _, users = server.request("GET", "/Users?count=100")
+        assert status == 200 and users["totalResults"] == 3, users   # the fixture's two and the new one
+    finally:
+        output = server.stop()
+    assert "Traceback" not in output, output
+
+
+# -- 6. kill -9 during the prune ---------------------------------------------------------------
+
+def test_kill_9_during_the_prune_at_start_leaves_a_gapless_tail_and_the_next_start_finishes(tmp_path):
+    """A database of ~12,000 expired events (batches of a thousand per
+    transaction): kill -9 the server soon after its prune begins. Whatever
+    the moment, what is left is seq oldest..newest without a gap, the newest
+    event intact, users and members untouched; the next start prunes the
+    rest, all but the newest, whose cursor is still the head."""
+    path = str(tmp_path / "prune.db")
+    base_url = "https://scim.example.com/scim"
+    store = scim_appliance.Store(path, synchronous="NORMAL")
+    try:
+        read_token = scim_appliance.create_token(store, "app", scope="read")
+        ids = [scim_appliance.create_resource(store, scim_appliance.USER, user_body("u%d@prune.example" % n, "U"),
+                                              base_url, token_name="entra")["id"] for n in range(6000)]
+        scim_appliance.create_resource(store, scim_appliance.GROUP, {
+            "schemas": [URN_GROUP], "displayName": "Everyone", "members": [{"value": i} for i in ids]},
+            base_url, token_name="entra")
+    finally:
+        store.close()
+    rows = event_rows(path)
+    newest = max(rows)
+    newest_cursor = cursor_of(newest, rows[newest][0])
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            conn.execute("UPDATE events SET time = '2000-01-01T00:00:00.000Z'")
+    finally:
+        conn.close()
+
+    def bounds():
+        return query(path, "SELECT min(seq), max(seq), count(*) FROM events")[0]
+
+    server = LiveServer(path)
+    try:
+        wait_for(lambda: bounds()[0] > 1, timeout=60, interval=0.01, what="the prune's first batch")
+        time.sleep(random.uniform(0, 0.05))
+    finally:
+        server.process.kill()
+        server.process.wait(timeout=30)
+        server.stop()
+    oldest, last, count = bounds()
+    print("\nkilled with events %d..%d left of 1..%d" % (oldest, last, newest))
+    assert last == newest and count == newest - oldest + 1, (oldest, last, count)
+    assert (oldest - 1) % scim_appliance.EVENTS_PRUNE_BATCH == 0, "a batch half deleted: %d" % oldest
+    assert query(path, "SELECT event_id FROM events WHERE seq = ?", (newest,)) == [(rows[newest][0],)]
+    assert query(path, "SELECT count(*) FROM users") == [(6000,)]
+    assert query(path, "SELECT count(*) FROM members") == [(6000,)]
+
+    server = LiveServer(path)
+    try:
+        wait_for(lambda: bounds() == (newest, newest, 1), timeout=60, what="the prune at the second start")
+        assert head(server, read_token) == newest_cursor
+        assert follow(server, read_token, newest_cursor) == ([], newest_cursor)
+        for seq in {1, oldest} - {newest}:   # pruned by the first start, and by the second
+            assert_gone(server, read_token, cursor_of(seq, rows[seq][0]))
+    finally:
+        output = server.stop()
+    assert "Traceback" not in output, output
