@@ -6664,6 +6664,7 @@ def main(argv=None):
             # now and then (the activity log's); a shorter wait would refuse them.
             _positive(args.lock_timeout, "--lock-timeout", least=MIN_LOCK_TIMEOUT)
             _positive(args.max_body_bytes, "--max-body-bytes")
+            _positive(args.events_days, "--events-days")
             settings = Settings(**{field: getattr(args, field) for field, *_ in SETTINGS_TABLE})
             serve(settings)
             return 0
