@@ -1742,3 +1742,13 @@ def test_event_retention_prunes_at_most_every_activity_prune_seconds(client, sto
     now[0] += 1
     retention()
     assert len(calls) == 3 and seqs(db) == [5]
+
+
+@pytest.mark.parametrize("days", ["0", "-3"])
+def test_serve_refuses_an_events_retention_under_a_day(tmp_path, days):
+    """--events-days 0 would prune every event but the newest within seconds of
+    start: no consumer could ever follow the feed. It is refused, and nothing starts."""
+    result = run_cli("serve", "--events-days", days, "--db", str(tmp_path / "scim.db"), check=False)
+    assert result.returncode == 1
+    assert "--events-days must be at least 1" in result.stderr
+    assert not (tmp_path / "scim.db").exists()
