@@ -1261,7 +1261,11 @@ class Transaction:
 
     def event_bounds(self):
         """(oldest, newest) sequence numbers kept; (0, 0) before the first event."""
-        oldest, newest = self.conn.execute("SELECT min(seq), max(seq) FROM events").fetchone()
+        # Two subqueries: SQLite reads min() or max() of a rowid from one end
+        # of the table only when it is a query's sole aggregate; together
+        # they scan every event.
+        oldest, newest = self.conn.execute(
+            "SELECT (SELECT min(seq) FROM events), (SELECT max(seq) FROM events)").fetchone()
         return oldest or 0, newest or 0
 
     def event_id_at(self, seq):
@@ -3495,10 +3499,11 @@ def record_update(events, resource_type, row, before, after, password_changed=Fa
     if resource_type is USER and is_active(before) != is_active(after):
         activity = "user.reactivated" if is_active(after) else "user.deactivated"
     updated = [path for path in attributes if path != "active" or activity is None]
+    representation = render_resource(resource_type, row, events.base_url, document=after)
     if updated:
-        events.resource(kind + ".updated", resource_type, row, after, updated)
+        events.resource(kind + ".updated", resource_type, row, attributes=updated, representation=representation)
     if activity is not None:
-        events.resource(activity, resource_type, row, after, ["active"])
+        events.resource(activity, resource_type, row, attributes=["active"], representation=representation)
 
 
 class MembershipChange:
