@@ -34,6 +34,7 @@ import hashlib
 import hmac
 import http.client
 import io
+import itertools
 import json
 import logging
 import math
@@ -1258,6 +1259,24 @@ class Transaction:
             self.conn.executemany(self.INSERT_EVENT, events)
             self.last_event_seq = self.conn.execute("SELECT last_insert_rowid()").fetchone()[0]
         self.events_appended += len(events)
+
+    def append_member_events(self, columns, pieces, members):
+        """Append an event per (member id, member type) pair in `members`,
+        numbered in their order: `columns` are EVENT_COLUMNS from time to
+        token_name, the same for all; each body is `pieces` joined by the
+        event's id, the member's id and its type, as JSON strings. One
+        statement: SQLite makes the ids and bodies, a thousand in a
+        millisecond, where Python took five."""
+        self.conn.execute(
+            "WITH batch(position, event_id, member_id, member_type) AS MATERIALIZED ("
+            "  SELECT key, lower(hex(randomblob(16))), json_extract(value, '$[0]'), json_extract(value, '$[1]')"
+            "  FROM json_each(?)) "
+            "INSERT INTO events (%s) SELECT event_id, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "? || json_quote(event_id) || ? || json_quote(member_id) || ? || json_quote(member_type) || ? "
+            "FROM batch ORDER BY position" % ", ".join(self.EVENT_COLUMNS),
+            (json_text(members),) + tuple(columns) + tuple(pieces))
+        self.last_event_seq = self.conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        self.events_appended += len(members)
 
     def event_bounds(self):
         """(oldest, newest) sequence numbers kept; (0, 0) before the first event."""
@@ -3428,33 +3447,63 @@ class ChangeEvents:
 
     def membership(self, group, added=(), removed=()):
         """group.member_added/removed events, one per member; `group` is the
-        row (id, display_name, external_id, version) after the change."""
+        row (id, display_name, external_id, version) after the change.
+
+        A PATCH of 1,000 members makes 1,000 events that differ only in
+        their ids and the member's: each kind's JSON is rendered once, in
+        pieces, and the storage fills in each event's values
+        (Transaction.append_member_events). Built one by one in Python,
+        they made a 1,000-member PATCH three times as slow."""
         group_id, display_name, external_id, version = group
         for event_type, members in (("group.member_added", added), ("group.member_removed", removed)):
-            for member_id, member_type in members:
-                self._add(event_type, GROUP, group_id, external_id, version,
-                          {"group": {"value": group_id, "display": display_name},
-                           "member": {"value": member_id, "type": member_type}})
+            if not members:
+                continue
+            marker = new_event_id()   # stands where each event's own values go
+            pieces = self._body(event_type, GROUP, group_id, external_id, version, marker, None, {
+                "group": {"value": group_id, "display": display_name},
+                "member": {"value": marker, "type": marker}}).split(json_text(marker))
+            self.rows.append(MemberEvents(
+                (self.time, event_type, self._uri(event_type), GROUP.name, group_id, external_id, version, self.txn,
+                 self.token_name), pieces, list(members)))
 
-    def _add(self, event_type, resource_type, resource_id, external_id, version, data, attributes=None):
-        if self.txn is None:
+    def _uri(self, event_type):
+        return EVENT_URI_PREFIX + (EVENT_URIS[event_type] or OPERATION_EVENT_URIS[self.operation])
+
+    def _body(self, event_type, resource_type, resource_id, external_id, version, event_id, attributes, data):
+        """An event's JSON (what GET /events gives, but its cursor)."""
+        if self.txn is None:   # the first event of the write
             self.txn, self.time = new_event_id(), utc_now()
-        event_id = new_event_id()
-        uri = EVENT_URI_PREFIX + (EVENT_URIS[event_type] or OPERATION_EVENT_URIS[self.operation])
-        body = {"id": event_id, "type": event_type, "timestamp": self.time, "event_uri": uri, "txn": self.txn,
-                "token_name": self.token_name,
+        body = {"id": event_id, "type": event_type, "timestamp": self.time, "event_uri": self._uri(event_type),
+                "txn": self.txn, "token_name": self.token_name,
                 "resource": {"type": resource_type.name, "id": resource_id, "externalId": external_id,
                              "version": weak_etag(version),
                              "location": resource_location(self.base_url, resource_type, resource_id)}}
         if attributes is not None:
             body["attributes"] = attributes
         body["data"] = data
-        self.rows.append((event_id, self.time, event_type, uri, resource_type.name, resource_id, external_id,
-                          version, self.txn, self.token_name, json_text(body)))
+        return json_text(body)
+
+    def _add(self, event_type, resource_type, resource_id, external_id, version, data, attributes=None):
+        event_id = new_event_id()
+        body = self._body(event_type, resource_type, resource_id, external_id, version, event_id, attributes, data)
+        self.rows.append((event_id, self.time, event_type, self._uri(event_type), resource_type.name, resource_id,
+                          external_id, version, self.txn, self.token_name, body))
 
     def append(self):
-        if self.rows:
-            self.tx.append_events(self.rows)
+        """Append the events, in the order they were made."""
+        for is_batch, rows in itertools.groupby(self.rows, lambda row: isinstance(row, MemberEvents)):
+            if is_batch:
+                for batch in rows:
+                    self.tx.append_member_events(*batch)
+            else:
+                self.tx.append_events(list(rows))
+
+
+class MemberEvents(typing.NamedTuple):
+    """Membership events of one kind for one group (ChangeEvents.membership)."""
+    columns: tuple     # EVENT_COLUMNS from time to token_name, the same for all
+    pieces: list       # the JSON of each, split where its id, member id and member type go
+    members: list      # (member id, member type) pairs
 
 
 def new_event_id():
@@ -3489,21 +3538,18 @@ def is_active(document):
 
 
 def record_update(events, resource_type, row, before, after, password_changed=False):
-    """The events of a PUT or PATCH that changed `before` into `after`:
-    user.updated/group.updated with the changed attributes, and a change of
-    `active` as user.deactivated or user.reactivated (whatever form the
-    provider used: the PATCH engine has made `"False"` a boolean)."""
+    """The event of a PUT or PATCH that changed `before` into `after`, with
+    the changed attributes: user.deactivated or user.reactivated when
+    `active` changed (whatever form the provider used: the PATCH engine has
+    made `"False"` a boolean), else user.updated or group.updated. One
+    event per resource and request: a deactivation that also renames the
+    user is one user.deactivated whose `attributes` name both."""
     attributes = changed_attributes(before, after) + (["password"] if password_changed else [])
-    kind = resource_type.name.lower()
-    activity = None
+    event_type = resource_type.name.lower() + ".updated"
     if resource_type is USER and is_active(before) != is_active(after):
-        activity = "user.reactivated" if is_active(after) else "user.deactivated"
-    updated = [path for path in attributes if path != "active" or activity is None]
-    representation = render_resource(resource_type, row, events.base_url, document=after)
-    if updated:
-        events.resource(kind + ".updated", resource_type, row, attributes=updated, representation=representation)
-    if activity is not None:
-        events.resource(activity, resource_type, row, attributes=["active"], representation=representation)
+        event_type = "user.reactivated" if is_active(after) else "user.deactivated"
+    if attributes:
+        events.resource(event_type, resource_type, row, after, attributes)
 
 
 class MembershipChange:

@@ -655,36 +655,31 @@ def test_entra_deactivate_forms_are_user_deactivated_and_reactivation_user_react
     assert [row["version"] for row in stored_events(db)] == [1, 2, 3]
 
 
-def test_a_patch_of_active_and_another_attribute_is_updated_then_deactivated_in_one_txn(client, feed, db):
+def test_a_patch_of_active_and_another_attribute_is_one_deactivated_event_naming_both(client, feed, db):
+    """One event per resource and request: a deactivation that also renames
+    is one user.deactivated whose attributes name both changes."""
     user_id = send(client, "POST", "/Users", R7_CREATE_USER, 201).json["id"]
     head = feed.head()
     client.patch("/Users/" + user_id, [{"op": "Replace", "path": "name.familyName", "value": "Leaver"},
                                        {"op": "Replace", "path": "active", "value": "False"}], status=200)
-    updated, deactivated = feed.events(head)
-    assert (updated["type"], updated["event_uri"], updated["attributes"]) == (
-        "user.updated", PATCH_URI, ["name.familyName"])
-    assert (deactivated["type"], deactivated["event_uri"], deactivated["attributes"]) == (
-        "user.deactivated", DEACTIVATE_URI, ["active"])
-    assert updated["txn"] == deactivated["txn"]
-    assert updated["id"] != deactivated["id"]
-    assert seq_of(deactivated) == seq_of(updated) + 1
-    assert updated["resource"]["version"] == deactivated["resource"]["version"] == 'W/"2"'
-    assert updated["data"] == deactivated["data"]
-    assert updated["data"]["name"]["familyName"] == "Leaver" and updated["data"]["active"] is False
+    deactivated, = feed.events(head)
+    assert (deactivated["type"], deactivated["event_uri"], sorted(deactivated["attributes"])) == (
+        "user.deactivated", DEACTIVATE_URI, ["active", "name.familyName"])
+    assert deactivated["resource"]["version"] == 'W/"2"'
+    assert deactivated["data"]["name"]["familyName"] == "Leaver" and deactivated["data"]["active"] is False
 
-    # And back: the other change first, then the reactivation.
+    # And back, with another change: one user.reactivated.
     head = deactivated["cursor"]
     client.patch("/Users/" + user_id, [{"op": "replace", "value": {"active": True, "displayName": "Back"}}],
                  status=200)
-    updated, reactivated = feed.events(head)
-    assert (updated["type"], updated["attributes"]) == ("user.updated", ["displayName"])
-    assert (reactivated["type"], reactivated["event_uri"], reactivated["attributes"]) == (
-        "user.reactivated", ACTIVATE_URI, ["active"])
-    assert updated["txn"] == reactivated["txn"] != deactivated["txn"]
+    reactivated, = feed.events(head)
+    assert (reactivated["type"], reactivated["event_uri"], sorted(reactivated["attributes"])) == (
+        "user.reactivated", ACTIVATE_URI, ["active", "displayName"])
+    assert reactivated["txn"] != deactivated["txn"]
+    assert reactivated["data"]["displayName"] == "Back" and reactivated["data"]["active"] is True
     rows = stored_events(db)
     assert [(row["type"], row["version"]) for row in rows] == [
-        ("user.created", 1), ("user.updated", 2), ("user.deactivated", 2), ("user.updated", 3),
-        ("user.reactivated", 3)]
+        ("user.created", 1), ("user.deactivated", 2), ("user.reactivated", 3)]
 
 
 def test_entra_group_create_and_rename_are_group_events_without_members(client, feed, db):
@@ -863,19 +858,16 @@ def test_okta_put_of_a_user_is_put_updated_and_active_false_is_deactivated(okta_
                                                                          ["active"])
     assert event["data"] == without(deactivated, "groups") and event["data"]["active"] is False
 
-    # active true and a new given name: user.updated (put) then user.reactivated, one txn.
+    # active true and a new given name: one user.reactivated naming both.
     head = event["cursor"]
     put = OKTA_PUT_USER.replace('"Another"', '"Yet Another"')
     okta(okta_client, "PUT", "/Users/" + user["id"], put, 200, replacements)
-    updated, reactivated = feed.events(head)
-    assert (updated["type"], updated["event_uri"], updated["attributes"]) == ("user.updated", PUT_URI,
-                                                                               ["name.givenName"])
-    assert (reactivated["type"], reactivated["event_uri"]) == ("user.reactivated", ACTIVATE_URI)
-    assert updated["txn"] == reactivated["txn"]
+    reactivated, = feed.events(head)
+    assert (reactivated["type"], reactivated["event_uri"], sorted(reactivated["attributes"])) == (
+        "user.reactivated", ACTIVATE_URI, ["active", "name.givenName"])
     assert [(row["type"], row["event_uri"], row["version"], row["token_name"]) for row in stored_events(db)] == [
         ("user.created", CREATE_URI, 1, "okta"), ("user.updated", PUT_URI, 2, "okta"),
-        ("user.deactivated", DEACTIVATE_URI, 3, "okta"), ("user.updated", PUT_URI, 4, "okta"),
-        ("user.reactivated", ACTIVATE_URI, 4, "okta")]
+        ("user.deactivated", DEACTIVATE_URI, 3, "okta"), ("user.reactivated", ACTIVATE_URI, 4, "okta")]
 
 
 def test_okta_pathless_patch_deactivates_and_reactivates(okta_client, feed, db):
@@ -1178,7 +1170,7 @@ def test_events_are_numbered_in_commit_order_with_one_txn_per_request(client, fe
 
     assert [[event["type"] for event in events] for events in requests] == [
         ["user.created"], ["user.created"], ["group.created", "group.member_added"], ["group.member_added"],
-        ["user.updated"], ["user.updated", "user.deactivated"], ["group.member_removed", "user.deleted"],
+        ["user.updated"], ["user.deactivated"], ["group.member_removed", "user.deleted"],
         ["group.deleted"]]
     everything = [event for events in requests for event in events]
     assert [seq_of(event) for event in everything] == list(range(1, len(everything) + 1))
@@ -1294,7 +1286,7 @@ def test_a_long_poll_of_an_empty_tail_answers_empty_at_its_deadline(client, feed
     page = feed.page(last, wait=1)
     elapsed = time.monotonic() - started
     assert page == {"events": [], "next_cursor": last, "has_more": False}
-    assert 0.9 <= elapsed < 5
+    assert elapsed >= 0.9   # it waited for its deadline (no upper bound: the machine may be loaded)
 
 
 def test_a_long_poll_answers_as_soon_as_a_change_commits(client, store, feed, monkeypatch):
@@ -1320,9 +1312,9 @@ def test_a_long_poll_answers_as_soon_as_a_change_commits(client, store, feed, mo
     finally:
         thread.join(30)
     assert not thread.is_alive()
+    # Woken by the commit: at its deadline it would have answered no event.
     assert [(event["type"], event["resource"]["id"]) for event in answer["page"]["events"]] == [
         ("user.created", user["id"])]
-    assert answer["seconds"] < 10
 
 
 @pytest.mark.parametrize("cursor", ["abc", "5", "5.XYZ", "-1", "", "5.abcdef01234", "5.abcdef0123456",
@@ -1516,13 +1508,14 @@ def test_a_read_token_cannot_write(client, read_token, feed, db, method, path, b
 
 
 @pytest.mark.parametrize("path", ["/events", "/events/head", "/events?after=0&wait=1"])
-def test_a_provisioning_token_cannot_read_the_feed(client, feed, path):
+def test_a_provisioning_token_cannot_read_the_feed(client, store, feed, path, monkeypatch):
     make_events(client, 1)
-    started = time.monotonic()
+    waits = []
+    monkeypatch.setattr(store.event_head, "wait_past", lambda *args: waits.append(args))
     response = client.app.get(path, headers={"Authorization": "Bearer " + client.token}, expect_errors=True)
     error = assert_scim_error(response, 403)
     assert "read token" in error["detail"]
-    assert time.monotonic() - started < 0.9   # refused before any wait
+    assert waits == []   # refused before any wait
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer not-a-token"}, {"Authorization": "Basic eDp5"}],
