@@ -440,7 +440,7 @@ MIGRATIONS = [
             -- AUTOINCREMENT: a number is never handed out twice, even after
             -- the newest events were pruned (plain rowids reuse the highest).
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            event_id TEXT NOT NULL,                 -- a random UUID; a cursor carries its start
+            event_id TEXT NOT NULL,                 -- 128 random bits in hex; a cursor carries its start
             time TEXT NOT NULL,                     -- UTC dateTime of the commit
             type TEXT NOT NULL,                     -- user.created, group.member_added, ...
             event_uri TEXT NOT NULL,                -- RFC 9967, e.g. urn:ietf:params:scim:event:prov:create:full
