@@ -25,6 +25,20 @@ import webtest
 import scim_appliance
 from conftest import PUBLIC_URL, ScimClient, assert_scim_error, fill, run_cli, snapshot, stored_members
 from scim_appliance import URN_ENTERPRISE, URN_GROUP, URN_PATCH, URN_USER
+from test_entra import (R7_CREATE_USER, R7_EXTERNAL_ID, R16_UPDATE_MULTI_VALUED, R18_DISABLE_FLAG,
+                        R18_DISABLE_NO_FLAG, R22_MULTIPLE_REPLACE, R36_CREATE_GROUP, R37_RENAME_GROUP, R38_ADD_MEMBER,
+                        R40_REMOVE_FLAG, R40_REMOVE_NO_FLAG, R40_REMOVE_TUTORIAL)
+from test_okta import CREATE_GROUP as OKTA_CREATE_GROUP
+from test_okta import CREATE_USER as OKTA_CREATE_USER
+from test_okta import CREATE_USER_2019 as OKTA_CREATE_USER_2019
+from test_okta import DEACTIVATE_USER as OKTA_DEACTIVATE_USER
+from test_okta import OKTA_GROUP_ID, OKTA_OTHER_USER_ID, OKTA_USER_ID
+from test_okta import PUT_GROUP as OKTA_PUT_GROUP
+from test_okta import PUT_USER as OKTA_PUT_USER
+from test_okta import PUT_USER_2019 as OKTA_PUT_USER_2019
+from test_okta import RENAME_GROUP as OKTA_RENAME_GROUP
+from test_okta import REPLACE_MEMBERS as OKTA_REPLACE_MEMBERS
+from test_okta import UPDATE_MEMBERSHIP as OKTA_UPDATE_MEMBERSHIP
 
 PREFIX = "urn:ietf:params:scim:event:prov:"
 CREATE_URI = PREFIX + "create:full"
@@ -45,364 +59,13 @@ DAY = 86400
 
 # -- Microsoft Entra ID's request bodies, verbatim (as in tests/test_entra.py) ------------
 
-R7_CREATE_USER = """{
-    "schemas": [
-        "urn:ietf:params:scim:schemas:core:2.0:User",
-        "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"],
-    "externalId": "0a21f0f2-8d2a-4f8e-bf98-7363c4aed4ef",
-    "userName": "Test_User_00aa00aa-bb11-cc22-dd33-44ee44ee44ee",
-    "active": true,
-    "emails": [{
-        "primary": true,
-        "type": "work",
-        "value": "Test_User_11bb11bb-cc22-dd33-ee44-55ff55ff55ff@testuser.com"
-    }],
-    "meta": {
-        "resourceType": "User"
-    },
-    "name": {
-        "formatted": "givenName familyName",
-        "familyName": "familyName",
-        "givenName": "givenName"
-    },
-    "roles": []
-}"""
-R7_EXTERNAL_ID = "0a21f0f2-8d2a-4f8e-bf98-7363c4aed4ef"
 
-R16_UPDATE_MULTI_VALUED = """{
-    "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-    "Operations": [
-            {
-            "op": "Replace",
-            "path": "emails[type eq \\"work\\"].value",
-            "value": "updatedEmail@microsoft.com"
-            },
-            {
-            "op": "Replace",
-            "path": "name.familyName",
-            "value": "updatedFamilyName"
-            }
-    ]
-}"""
-
-R22_MULTIPLE_REPLACE = """{
-    "schemas": [
-        "urn:ietf:params:scim:api:messages:2.0:PatchOp"
-    ],
-    "Operations": [
-        {
-            "op": "Replace",
-            "path": "displayName",
-            "value": "Pvlo"
-        },
-        {
-            "op": "Replace",
-            "path": "emails[type eq \\"work\\"].value",
-            "value": "TestBcwqnm@test.microsoft.com"
-        },
-        {
-            "op": "Replace",
-            "path": "name.givenName",
-            "value": "Gtfd"
-        },
-        {
-            "op": "Replace",
-            "path": "name.familyName",
-            "value": "Pkqf"
-        },
-        {
-            "op": "Replace",
-            "path": "externalId",
-            "value": "Eqpj"
-        },
-        {
-            "op": "Replace",
-            "path": "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:employeeNumber",
-            "value": "Eqpj"
-        }
-    ]
-}"""
-
-R18_DISABLE_NO_FLAG = """{
-    "schemas": [
-        "urn:ietf:params:scim:api:messages:2.0:PatchOp"
-    ],
-    "Operations": [
-        {
-            "op": "Replace",
-            "path": "active",
-            "value": "False"
-        }
-    ]
-}"""
-
-R18_DISABLE_FLAG = """{
-    "schemas": [
-        "urn:ietf:params:scim:api:messages:2.0:PatchOp"
-    ],
-    "Operations": [
-        {
-            "op": "replace",
-            "path": "active",
-            "value": false
-        }
-    ]
-}"""
-
-# Entra's (and Okta's) path-less form: the attribute in the value.
-PATHLESS_DISABLE = """{
-    "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-    "Operations": [{
-        "op": "replace",
-        "value": {
-            "active": false
-        }
-    }]
-}"""
-
-R36_CREATE_GROUP = """{
-    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group", "http://schemas.microsoft.com/2006/11/ResourceManagement/ADSCIM/2.0/Group"],
-    "externalId": "8aa1a0c0-c4c3-4bc0-b4a5-2ef676900159",
-    "displayName": "displayName",
-    "meta": {
-        "resourceType": "Group"
-    }
-}"""
 R36_EXTERNAL_ID = "8aa1a0c0-c4c3-4bc0-b4a5-2ef676900159"
-
-R37_RENAME_GROUP = """{
-    "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-    "Operations": [{
-        "op": "Replace",
-        "path": "displayName",
-        "value": "1879db59-3bdf-4490-ad68-ab880a269474updatedDisplayName"
-    }]
-}"""
-
-R38_ADD_MEMBER = """{
-    "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-    "Operations": [{
-        "op": "Add",
-        "path": "members",
-        "value": [{
-            "$ref": null,
-            "value": "f648f8d5ea4e4cd38e9c"
-        }]
-    }]
-}"""
-
-R40_REMOVE_TUTORIAL = """{
-    "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-    "Operations": [{
-        "op": "Remove",
-        "path": "members",
-        "value": [{
-            "$ref": null,
-            "value": "f648f8d5ea4e4cd38e9c"
-        }]
-    }]
-}"""
-
-R40_REMOVE_NO_FLAG = """{
-    "schemas": [
-        "urn:ietf:params:scim:api:messages:2.0:PatchOp"
-    ],
-    "Operations": [
-        {
-            "op": "Remove",
-            "path": "members",
-            "value": [
-                {
-                    "value": "u1091"
-                }
-            ]
-        }
-    ]
-}"""
-
-R40_REMOVE_FLAG = """{
-    "schemas": [
-        "urn:ietf:params:scim:api:messages:2.0:PatchOp"
-    ],
-    "Operations": [
-        {
-            "op": "remove",
-            "path": "members[value eq \\"7f4bc1a3-285e-48ae-8202-5accb43efb0e\\"]"
-        }
-    ]
-}"""
 
 
 # -- Okta's request bodies, verbatim (as in tests/test_okta.py) -------------------------------
 
-OKTA_USER_ID = "23a35c27-23d3-4c03-b4c5-6443c09e7173"
-OKTA_OTHER_USER_ID = "89bb1940-b905-4575-9e7f-6f887cfb368e"
 
-OKTA_CREATE_USER = """{
-    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
-    "userName": "test.user@okta.local",
-    "name": {
-        "givenName": "Test",
-        "familyName": "User"
-    },
-    "emails": [{
-        "primary": true,
-        "value": "test.user@okta.local",
-        "type": "work"
-    }],
-    "displayName": "Test User",
-    "locale": "en-US",
-    "externalId": "00ujl29u0le5T6Aj10h7",
-    "groups": [],
-    "password": "1mz050nq",
-    "active": true
-}"""
-
-OKTA_PUT_USER = """{
-    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
-    "id": "23a35c27-23d3-4c03-b4c5-6443c09e7173",
-    "userName": "test.user@okta.local",
-    "name": {
-        "givenName": "Another",
-        "middleName": "Excited",
-        "familyName": "User"
-    },
-    "emails": [{
-        "primary": true,
-        "value": "test.user@okta.local",
-        "type": "work",
-        "display": "test.user@okta.local"
-    }],
-    "active": true,
-    "groups": [],
-    "meta": {
-        "resourceType": "User"
-    }
-}"""
-
-OKTA_CREATE_USER_2019 = """{
-\t"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
-\t"userName": "jane.doe@example.com",
-\t"name": {
-\t\t"givenName": "Jane",
-\t\t"familyName": "Doe"
-\t},
-\t"emails": [{
-\t\t"primary": true,
-\t\t"value": "jane.doe@example.com",
-\t\t"type": "work"
-\t}],
-\t"displayName": "Jane Doe",
-\t"locale": "en_US",
-\t"externalId": "00uv931EiyRsnwOGa0g3",
-\t"groups": [],
-\t"password": "4a9XuKkx",
-\t"active": true
-}"""
-
-OKTA_PUT_USER_2019 = """{
-\t"id": "{id}",
-\t"externalId": "00uq2kqg7YTkFo3cY0g3",
-\t"meta": {
-\t\t"resourceType": "User",
-\t\t"created": "04-12-2018 00:00:00",
-\t\t"lastModified": "04-12-2018 00:00:00",
-\t\t"version": "v1.0"
-\t},
-\t"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
-\t"userName": "jane.doe@example.com",
-\t"displayName": "Jane Doe",
-\t"locale": "en_US",
-\t"active": true,
-\t"password": "TkdFNVdIVkxhM2c9",
-\t"emails": [{
-\t\t"value": "jane.doe@example.com",
-\t\t"type": "work",
-\t\t"primary": true
-\t}],
-\t"name": {
-\t\t"familyName": "Doe",
-\t\t"givenName": "Jane"
-\t},
-\t"groups": []
-}"""
-
-OKTA_DEACTIVATE_USER = """{
-    "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-    "Operations": [{
-        "op": "replace",
-        "value": {
-            "active": false
-        }
-    }]
-}"""
-
-OKTA_CREATE_GROUP = """{
-    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
-    "displayName": "Test SCIMv2",
-    "members": []
-}"""
-
-OKTA_PUT_GROUP = """{
-    "schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
-    "displayName": "Test SCIMv2",
-    "members": [
-            {
-            "value": "23a35c27-23d3-4c03-b4c5-6443c09e7173",
-            "display": "test.user@okta.local"
-            }
-    ]
-}"""
-
-OKTA_UPDATE_MEMBERSHIP = """{
-    "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-    "Operations": [{
-        "op": "remove",
-        "path": "members[value eq \\"89bb1940-b905-4575-9e7f-6f887cfb368e\\"]"
-        },
-        {
-        "op": "add",
-        "path": "members",
-        "value": [{
-            "value": "23a35c27-23d3-4c03-b4c5-6443c09e7173",
-            "display": "test.user@okta.local"
-        }]
-    }]
-}"""
-
-OKTA_REPLACE_MEMBERS = """{
-  "schemas": [
-    "urn:ietf:params:scim:api:messages:2.0:PatchOp"
-  ],
-  "Operations": [
-    {
-      "op": "replace",
-      "path": "members",
-      "value": [
-        {
-          "value": "23a35c27-23d3-4c03-b4c5-6443c09e7173",
-          "display": "test.user@okta.local"
-        },
-        {
-          "value": "89bb1940-b905-4575-9e7f-6f887cfb368e",
-          "display": "test.user@okta.local"
-        }
-      ]
-    }
-  ]
-}"""
-
-OKTA_RENAME_GROUP = """{
-    "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
-    "Operations": [{
-        "op": "replace",
-        "value": {
-            "id": "abf4dd94-a4c0-4f67-89c9-76b03340cb9b",
-            "displayName": "Test SCIMv2"
-        }
-    }]
-}"""
-OKTA_GROUP_ID = "abf4dd94-a4c0-4f67-89c9-76b03340cb9b"
 OKTA_HEADERS = {"Accept": "application/scim+json", "Accept-Charset": "utf-8",
                 "User-Agent": "Okta SCIM Client 1.0.0"}
 
@@ -627,7 +290,7 @@ def test_entra_patch_with_paths_is_user_updated_naming_exactly_the_changed_paths
     assert version_of(db, "users", user_id) == 2
 
 
-@pytest.mark.parametrize("disable", [R18_DISABLE_NO_FLAG, R18_DISABLE_FLAG, PATHLESS_DISABLE],
+@pytest.mark.parametrize("disable", [R18_DISABLE_NO_FLAG, R18_DISABLE_FLAG, OKTA_DEACTIVATE_USER],
                          ids=["string-False", "boolean-false", "pathless-value"])
 def test_entra_deactivate_forms_are_user_deactivated_and_reactivation_user_reactivated(client, feed, db, disable):
     user_id = send(client, "POST", "/Users", R7_CREATE_USER, 201).json["id"]
@@ -1018,7 +681,7 @@ def test_entra_resending_the_same_values_emits_nothing_and_keeps_the_version(cli
 
     again = send(client, "PATCH", "/Users/" + user_id, R16_UPDATE_MULTI_VALUED, 200).json
     assert again["meta"]["version"] == 'W/"3"'
-    for disable in (R18_DISABLE_NO_FLAG, R18_DISABLE_FLAG, PATHLESS_DISABLE):
+    for disable in (R18_DISABLE_NO_FLAG, R18_DISABLE_FLAG, OKTA_DEACTIVATE_USER):
         assert send(client, "PATCH", "/Users/" + user_id, disable, 200).json["meta"]["version"] == 'W/"3"'
     send(client, "PATCH", "/Groups/" + group["id"], R37_RENAME_GROUP, 204)
     send(client, "PATCH", "/Groups/" + group["id"], R38_ADD_MEMBER, 204, {"f648f8d5ea4e4cd38e9c": user_id})
