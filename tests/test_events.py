@@ -182,9 +182,9 @@ def assert_envelope(event, token_name="entra"):
     assert TIMESTAMP.fullmatch(event["timestamp"]), event["timestamp"]
     assert event["token_name"] == token_name
     resource = event["resource"]
-    assert set(resource) == {"type", "id", "externalId", "version", "location"}
-    endpoint = {"User": "Users", "Group": "Groups"}[resource["type"]]
-    assert resource["location"] == "%s/scim/%s/%s" % (PUBLIC_URL, endpoint, resource["id"])
+    # No location: the envelope is composed from the stored columns, and the
+    # public URL is not one of them (a resource's data carries meta.location).
+    assert set(resource) == {"type", "id", "externalId", "version"}
     assert re.fullmatch(r'W/"[1-9][0-9]*"', resource["version"])
 
 
@@ -210,6 +210,10 @@ def writer(settings):
             yield conn
     finally:
         conn.close()
+
+
+def cursors(events):
+    return [event["cursor"] for event in events]
 
 
 def backdate(settings, days, where="1 = 1", params=()):
@@ -250,7 +254,7 @@ def test_entra_post_user_is_one_user_created_event_carrying_the_user(client, fee
     assert (event["type"], event["event_uri"]) == ("user.created", CREATE_URI)
     assert "attributes" not in event
     assert event["resource"] == {"type": "User", "id": user["id"], "externalId": R7_EXTERNAL_ID,
-                                 "version": 'W/"1"', "location": user["meta"]["location"]}
+                                 "version": 'W/"1"'}
     # data: the user as GET returns it, without groups.
     got = client.get("/Users/" + user["id"]).json
     assert event["data"] == without(got, "groups") == without(user, "groups")
@@ -1045,11 +1049,11 @@ def test_cursor_0_is_good_until_event_1_is_pruned(client, store, feed, settings)
     events = feed.events()
     backdate(settings, 2, "seq = 2")
     assert scim_appliance.prune_events(store, 1, 1.0) == 0   # a prefix only: event 1 is young
-    assert feed.page("0")["events"] == events
+    assert cursors(feed.page("0")["events"]) == cursors(events)   # backdating changed their timestamps
     backdate(settings, 2, "seq = 1")
     assert scim_appliance.prune_events(store, 1, 1.0) == 2
     feed.error("/events?after=0", 410)
-    assert feed.page()["events"] == events[2:]
+    assert cursors(feed.page()["events"]) == cursors(events[2:])
 
 
 def test_the_newest_event_survives_pruning_so_the_head_stays_good(client, store, feed, db, settings):
@@ -1062,7 +1066,7 @@ def test_the_newest_event_survives_pruning_so_the_head_stays_good(client, store,
     head = feed.head()
     assert head == events[-1]["cursor"]
     assert feed.page(head) == {"events": [], "next_cursor": head, "has_more": False}
-    assert feed.page()["events"] == events[3:]
+    assert cursors(feed.page()["events"]) == cursors(events[3:])
     client.create_user("next@example.com")
     assert [seq_of(event) for event in feed.page(head)["events"]] == [5]
 

@@ -99,7 +99,7 @@ def assert_gone(server, read_token, cursor):
 def event_rows(path):
     """{seq: (event_id, type, resource_type, resource_id, version, txn, parsed body)} of the events table."""
     return {row[0]: row[1:7] + (json.loads(row[7]),) for row in query(
-        path, "SELECT seq, event_id, type, resource_type, resource_id, version, txn, body FROM events "
+        path, "SELECT seq, event_id, type, resource_type, resource_id, version, txn, event FROM scim_events "
               "ORDER BY seq")}
 
 
